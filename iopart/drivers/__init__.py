@@ -1,0 +1,1 @@
+"""Disk and NIC backends of the I/O partitions (one module per backend)."""

@@ -1,0 +1,126 @@
+"""The host memory pool: one memfd owned by the ultravisor, carved into page extents.
+
+Channels and, later, partition memory are extents of this pool. The pool uses
+hugetlb pages when the host has enough free ones and plain shared memory
+otherwise; extents are always whole pool pages so any of them can be mapped on
+its own by another process from the pool fd.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from iopart.errors import PoolError
+
+PAGE_4K = 4096
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A page-aligned range of the pool: [offset, offset + length)."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def _hugepages_free() -> tuple[int, int]:
+    """(free huge pages, huge page size in bytes) from /proc/meminfo."""
+    free = size = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("HugePages_Free:"):
+                free = int(line.split()[1])
+            elif line.startswith("Hugepagesize:"):
+                size = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return free, size
+
+
+class HostMemoryPool:
+    """One memfd of `size` bytes, mapped shared, with a first-fit extent allocator."""
+
+    def __init__(self, size: int, *, name: str = "iopart-pool", hugetlb: bool | None = None) -> None:
+        if size <= 0:
+            raise PoolError(f"pool size must be positive, got {size}")
+        free, hsize = _hugepages_free()
+        want_huge = hugetlb if hugetlb is not None else (hsize > 0 and free * hsize >= size)
+        self.hugetlb = False
+        self.page_size = PAGE_4K
+        fd = -1
+        if want_huge and hsize:
+            try:
+                fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
+                self.page_size = hsize
+                size = -(-size // hsize) * hsize
+                os.ftruncate(fd, size)
+                self.hugetlb = True
+            except OSError:
+                if fd >= 0:
+                    os.close(fd)
+                fd = -1
+                self.page_size = PAGE_4K
+                if hugetlb:
+                    raise PoolError("hugetlb pool requested but the host has no free huge pages")
+        if fd < 0:
+            size = -(-size // PAGE_4K) * PAGE_4K
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self.size = size
+        self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._free: list[Extent] = [Extent(0, size)]
+
+    def allocate(self, nbytes: int) -> Extent:
+        """First-fit allocation of whole pool pages; PoolError when none fits."""
+        if nbytes <= 0:
+            raise PoolError(f"allocation size must be positive, got {nbytes}")
+        length = -(-nbytes // self.page_size) * self.page_size
+        for i, ext in enumerate(self._free):
+            if ext.length >= length:
+                got = Extent(ext.offset, length)
+                rest = Extent(ext.offset + length, ext.length - length)
+                self._free[i : i + 1] = [rest] if rest.length else []
+                return got
+        raise PoolError(
+            f"pool exhausted: {length} bytes wanted, {self.free_bytes()} free of {self.size}",
+            errno=12,
+        )
+
+    def release(self, ext: Extent) -> None:
+        """Return an extent; neighbours are merged. Double release is refused."""
+        if ext.offset % self.page_size or ext.length <= 0 or ext.end > self.size:
+            raise PoolError(f"not an extent of this pool: {ext}")
+        for f in self._free:
+            if ext.offset < f.end and f.offset < ext.end:
+                raise PoolError(f"extent {ext} is already free")
+        free = sorted([*self._free, ext], key=lambda e: e.offset)
+        merged: list[Extent] = []
+        for e in free:
+            if merged and merged[-1].end == e.offset:
+                merged[-1] = Extent(merged[-1].offset, merged[-1].length + e.length)
+            else:
+                merged.append(e)
+        self._free = merged
+
+    def free_bytes(self) -> int:
+        return sum(e.length for e in self._free)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.mm.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> HostMemoryPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,38 @@
+/* iop_internal.h - private definitions shared by the native units (not a cdef). */
+#ifndef IOP_INTERNAL_H
+#define IOP_INTERNAL_H
+#include <stdint.h>
+#include "iop_channel.h"
+
+struct iop_chan {
+    struct iop_chan_hdr *hdr;
+    uint64_t size;
+    int role;
+    int broken;
+    uint32_t nslots, mask, slot_size, max_frags;
+    struct iop_ring_ctl *tx, *rx;  /* ring we produce into / consume from */
+    uint8_t *tx_slots, *rx_slots;
+    uint32_t tx_prod;              /* private producer index */
+    uint32_t tx_published;         /* last value stored to tx->prod */
+    uint32_t tx_cons_cache;        /* last checked value of the peer's consumer index */
+    uint32_t rx_cons;              /* private consumer index */
+    uint32_t rx_prod_cache;        /* last checked value of the peer's producer index */
+    int kick_fd, wait_fd;
+    uint64_t spin_ns;
+    uint64_t next_id;              /* request ids of the native client loops */
+    const char *last_error;
+    struct iop_chan_counters stats;     /* authoritative */
+    struct iop_chan_counters *counters; /* our copy in the shared header */
+};
+
+void iop_chan_sync_counters(struct iop_chan *ch);
+
+static inline void iop_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+#endif
