@@ -18,7 +18,9 @@ _REBUILD = "rebuild it with `make setup` (or `.venv/bin/pip install -e .`)"
 try:
     from iopart._iop_native import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise IopartError(f"the native module iopart._iop_native is not built: {exc}; {_REBUILD}") from exc
+    raise IopartError(
+        f"the native module iopart._iop_native is not built: {exc}; {_REBUILD}"
+    ) from exc
 
 
 def build_stamp() -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from iopart.errors import PoolError
 
 PAGE_4K = 4096
+_RW = mmap.PROT_READ | mmap.PROT_WRITE
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ def _hugepages_free() -> tuple[int, int]:
 class HostMemoryPool:
     """One memfd of `size` bytes, mapped shared, with a first-fit extent allocator."""
 
-    def __init__(self, size: int, *, name: str = "iopart-pool", hugetlb: bool | None = None) -> None:
+    def __init__(
+        self, size: int, *, name: str = "iopart-pool", hugetlb: bool | None = None
+    ) -> None:
         if size <= 0:
             raise PoolError(f"pool size must be positive, got {size}")
         free, hsize = _hugepages_free()
@@ -55,27 +58,29 @@ class HostMemoryPool:
         self.hugetlb = False
         self.page_size = PAGE_4K
         fd = -1
+        mm: mmap.mmap | None = None
         if want_huge and hsize:
+            # hugetlb pages are reserved at mmap time: map inside the attempt
             try:
                 fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
-                self.page_size = hsize
-                size = -(-size // hsize) * hsize
-                os.ftruncate(fd, size)
-                self.hugetlb = True
-            except OSError:
+                hsize_total = -(-size // hsize) * hsize
+                os.ftruncate(fd, hsize_total)
+                mm = mmap.mmap(fd, hsize_total, mmap.MAP_SHARED, _RW)
+                size, self.page_size, self.hugetlb = hsize_total, hsize, True
+            except OSError as exc:
                 if fd >= 0:
                     os.close(fd)
                 fd = -1
-                self.page_size = PAGE_4K
                 if hugetlb:
-                    raise PoolError("hugetlb pool requested but the host has no free huge pages")
-        if fd < 0:
+                    raise PoolError(f"hugetlb pool requested but not available: {exc}") from exc
+        if mm is None:
             size = -(-size // PAGE_4K) * PAGE_4K
             fd = os.memfd_create(name, os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, _RW)
+        self.mm: mmap.mmap = mm
         self.fd = fd
         self.size = size
-        self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._free: list[Extent] = [Extent(0, size)]
 
     def allocate(self, nbytes: int) -> Extent:

@@ -50,7 +50,9 @@ class ChannelGeometry:
 
     @property
     def max_frags(self) -> int:
-        return min((self.slot_size - int(lib.IOP_DESC_HDR_SIZE)) // int(lib.IOP_FRAG_SIZE), MAX_FRAGS)
+        return min(
+            (self.slot_size - int(lib.IOP_DESC_HDR_SIZE)) // int(lib.IOP_FRAG_SIZE), MAX_FRAGS
+        )
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,18 @@ class Descriptor:
     @classmethod
     def from_c(cls, d: Any) -> Descriptor:
         n = min(int(d.nfrags), MAX_FRAGS)
-        frags = tuple(Fragment(int(d.frags[i].addr), int(d.frags[i].len), int(d.frags[i].access)) for i in range(n))
+        frags = tuple(
+            Fragment(int(d.frags[i].addr), int(d.frags[i].len), int(d.frags[i].access))
+            for i in range(n)
+        )
         return cls(
-            id=int(d.id), opcode=int(d.opcode), flags=int(d.flags), status=int(d.status),
-            len=int(d.len), offset=int(d.offset), frags=frags,
+            id=int(d.id),
+            opcode=int(d.opcode),
+            flags=int(d.flags),
+            status=int(d.status),
+            len=int(d.len),
+            offset=int(d.offset),
+            frags=frags,
         )
 
 
@@ -126,8 +136,9 @@ class Doorbells:
 class ChannelEnd:
     """One attached end of a channel mapping. Not thread-safe: one owner at a time."""
 
-    def __init__(self, buf: mmap.mmap, offset: int, size: int, role: Role,
-                 doorbells: Doorbells | None = None) -> None:
+    def __init__(
+        self, buf: mmap.mmap, offset: int, size: int, role: Role, doorbells: Doorbells | None = None
+    ) -> None:
         self._buf = buf  # keeps the mapping alive as long as the handle
         self._cbuf = ffi.from_buffer("char[]", buf)
         self.role = role
@@ -157,7 +168,9 @@ class ChannelEnd:
     def push(self, d: Descriptor) -> bool:
         """Copy a descriptor into the next slot; False when the ring is full."""
         if len(d.frags) > MAX_FRAGS:
-            raise ChannelBrokenError(f"descriptor has {len(d.frags)} fragments, at most {MAX_FRAGS}")
+            raise ChannelBrokenError(
+                f"descriptor has {len(d.frags)} fragments, at most {MAX_FRAGS}"
+            )
         ffi.memmove(self._tx, b"\0" * int(lib.IOP_DESC_HDR_SIZE), int(lib.IOP_DESC_HDR_SIZE))
         d.to_c(self._tx)
         rc = int(lib.iop_chan_push(self.handle, self._tx))
@@ -225,8 +238,13 @@ class ChannelEnd:
 class Channel:
     """A channel allocated in the host memory pool, with its doorbells."""
 
-    def __init__(self, pool: HostMemoryPool, geometry: ChannelGeometry | None = None,
-                 type_uuid: uuid.UUID = NULL_CHANNEL_TYPE, features: int = 0) -> None:
+    def __init__(
+        self,
+        pool: HostMemoryPool,
+        geometry: ChannelGeometry | None = None,
+        type_uuid: uuid.UUID = NULL_CHANNEL_TYPE,
+        features: int = 0,
+    ) -> None:
         self.pool = pool
         self.geometry = geometry or ChannelGeometry()
         need = self.geometry.size()
@@ -234,9 +252,19 @@ class Channel:
         self.type_uuid = type_uuid
         cbuf = ffi.from_buffer("char[]", pool.mm)
         try:
-            check(int(lib.iop_chan_format(cbuf + self.extent.offset, self.extent.length,
-                                          self.geometry.nslots, self.geometry.slot_size,
-                                          type_uuid.bytes, features)), "format channel")
+            check(
+                int(
+                    lib.iop_chan_format(
+                        cbuf + self.extent.offset,
+                        self.extent.length,
+                        self.geometry.nslots,
+                        self.geometry.slot_size,
+                        type_uuid.bytes,
+                        features,
+                    )
+                ),
+                "format channel",
+            )
         except Exception:
             pool.release(self.extent)
             raise
@@ -245,8 +273,13 @@ class Channel:
 
     def end(self, role: Role, *, doorbells: bool = True) -> ChannelEnd:
         """Attach an end in this process, through the pool's own mapping."""
-        return ChannelEnd(self.pool.mm, self.extent.offset, self.extent.length, role,
-                          self.doorbells if doorbells else None)
+        return ChannelEnd(
+            self.pool.mm,
+            self.extent.offset,
+            self.extent.length,
+            role,
+            self.doorbells if doorbells else None,
+        )
 
     def close(self) -> None:
         self.doorbells.close()

@@ -42,8 +42,13 @@ def accept_channel(sock: socket.socket) -> tuple[ChannelEnd, Doorbells]:
     pool_fd, req, rsp = fds
     try:
         offer = ChannelOffer(**json.loads(body))
-        buf = mmap.mmap(pool_fd, offer.size, mmap.MAP_SHARED,
-                        mmap.PROT_READ | mmap.PROT_WRITE, offset=offer.offset)
+        buf = mmap.mmap(
+            pool_fd,
+            offer.size,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=offer.offset,
+        )
     except (ValueError, TypeError, OSError) as exc:
         for fd in fds:
             os.close(fd)

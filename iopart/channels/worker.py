@@ -36,8 +36,12 @@ class WorkerStats:
 class ServerWorker:
     """Start with `start()`, stop with `stop()` (or use as a context manager)."""
 
-    def __init__(self, end: ChannelEnd, regions: RegionTable | None = None,
-                 config: WorkerConfig | None = None) -> None:
+    def __init__(
+        self,
+        end: ChannelEnd,
+        regions: RegionTable | None = None,
+        config: WorkerConfig | None = None,
+    ) -> None:
         if end.role is not Role.SERVER:
             raise ChannelError("a server worker needs the server end of a channel")
         self.end = end

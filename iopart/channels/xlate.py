@@ -30,7 +30,12 @@ class RegionTable:
     def set(self, regions: list[Region]) -> None:
         arr = ffi.new("struct iop_region[]", max(len(regions), 1))
         for i, r in enumerate(regions):
-            arr[i].prpa, arr[i].len, arr[i].pool_off, arr[i].access = r.prpa, r.len, r.pool_off, r.access
+            arr[i].prpa, arr[i].len, arr[i].pool_off, arr[i].access = (
+                r.prpa,
+                r.len,
+                r.pool_off,
+                r.access,
+            )
         check(int(lib.iop_xlate_set(self.table, arr, len(regions))), "set regions")
 
     @property

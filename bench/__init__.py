@@ -1,0 +1,1 @@
+"""iopart benchmarks: each runs iopart and its comparison points in the same run."""
