@@ -119,7 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    v = sub.add_parser("version", help="print the version and the native build stamp")
+    # --json is accepted before or after the subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+
+    v = sub.add_parser(
+        "version", parents=[common], help="print the version and the native build stamp"
+    )
     v.set_defaults(func=cmd_version)
 
     d = sub.add_parser("demo", help="two processes over a channel, refusals, benchmark table")
@@ -130,10 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
     bc = bsub.add_parser(
-        "channel", help="null request round trip over a channel vs raw ring and eventfd"
+        "channel",
+        parents=[common],
+        help="null request round trip over a channel vs raw ring and eventfd",
     )
     bc.add_argument("--quick", action="store_true", help="short run (under 30 s)")
-    bc.add_argument("--json", action="store_true", help="print one JSON object")
     bc.add_argument(
         "--no-save", action="store_true", help="do not write bench/results or BENCHMARKS.md"
     )
