@@ -9,19 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.stats import fmt
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 REPORT = HERE.parent / "BENCHMARKS.md"
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if abs(v) >= 1e5:
-            return f"{v:,.0f}"
-        return f"{v:g}"
-    return str(v)
 
 
 def _section(doc: dict[str, Any]) -> list[str]:
@@ -37,8 +29,8 @@ def _section(doc: dict[str, Any]) -> list[str]:
     ]
     for r in doc["rows"]:
         out.append(
-            f"| {r['path']} | {_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} | "
-            f"{_fmt(r['p999_us'])} | {_fmt(r['ops_per_s'])} |"
+            f"| {r['path']} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | "
+            f"{fmt(r['p999_us'])} | {fmt(r['ops_per_s'])} |"
         )
     out += ["", "| ratio | value | target | met |", "| --- | ---: | --- | --- |"]
     targets = doc.get("targets", {})
@@ -46,7 +38,7 @@ def _section(doc: dict[str, Any]) -> list[str]:
     for k, v in doc["ratios"].items():
         t = targets.get(k, "")
         m = ("yes" if met.get(k) else "**no**") if k in met else ""
-        out.append(f"| `{k}` | {_fmt(v)} | {t} | {m} |")
+        out.append(f"| `{k}` | {fmt(v)} | {t} | {m} |")
     if doc.get("notes"):
         out += ["", doc["notes"] + "."]
     return [*out, ""]

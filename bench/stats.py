@@ -25,3 +25,14 @@ def latency_row(path: str, lat_ns: Sequence[int] | Any, **extra: Any) -> dict[st
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("inf")
+
+
+def fmt(v: Any) -> str:
+    """One number style for every table: 3 significant decimals below 1000, grouped above."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) < 1 else f"{v:.4g}"

@@ -41,12 +41,11 @@ def _progress_bar() -> tuple[Progress, Callable[[str, float], None]]:
 
 
 def render_bench(doc: dict[str, Any]) -> None:
+    from bench.stats import fmt as f
+
     t = Table(title=f"iopart bench {doc['bench']}" + (" (quick)" if doc.get("quick") else ""))
     for col in ("path", "p50 µs", "p99 µs", "p99.9 µs", "ops/s"):
         t.add_column(col, justify="left" if col == "path" else "right")
-
-    def f(v: Any) -> str:
-        return "-" if v is None else (f"{v:,.0f}" if isinstance(v, float) and v >= 1e5 else f"{v}")
 
     for r in doc["rows"]:
         t.add_row(r["path"], f(r["p50_us"]), f(r["p99_us"]), f(r["p999_us"]), f(r["ops_per_s"]))

@@ -8,6 +8,8 @@ Later issues grow this into the full stack demo.
 
 from __future__ import annotations
 
+import errno
+
 from rich.console import Console
 from rich.table import Table
 
@@ -55,7 +57,11 @@ def _refusals(console: Console) -> None:
                 status = (
                     "no answer"
                     if got is None
-                    else ("ok" if got.status == 0 else f"refused ({got.status})")
+                    else (
+                        "ok"
+                        if got.status == 0
+                        else f"refused ({errno.errorcode.get(-got.status, got.status)})"
+                    )
                 )
                 table.add_row(label, status)
             stats = worker.stats()
