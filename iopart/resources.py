@@ -1,0 +1,448 @@
+"""The resource database the ultravisor owns: partitions, devices, channels, assignments.
+
+Operations are typed values parsed at the edge (`parse_op`) from the dictionaries
+that travel in transactions. `ResourceDB.apply(op)` validates one operation against
+the current state and applies it, returning the inverse operation so a transaction
+can be rolled back in reverse order. A refused operation raises `RefusedError`
+naming the field at fault and changes nothing.
+
+Memory is not in here: partitions' memory extents live in the page map, which the
+transaction layer drives next to this database (see `iopart.transaction`).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from iopart.errors import IopartError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+PARTITION_KINDS = ("system", "io", "guest")
+PARTITION_STATES = ("defined", "running", "stopped", "failed")
+DEVICE_KINDS = ("disk", "nic")
+ASSIGN_MODES = ("rw", "ro")
+MAX_PARTITIONS = 1 << 20
+
+
+class RefusedError(IopartError):
+    """A transaction step was refused; `field` names what is wrong."""
+
+    kind = "refused"
+
+    def __init__(self, message: str, *, field: str = "", errno: int = errno.EINVAL) -> None:
+        super().__init__(message, errno=errno)
+        self.field = field
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "field": self.field}
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise RefusedError(
+            f"{what} must be 1-63 chars of a-z 0-9 _ . - starting with a letter or digit, "
+            f"got {value!r}",
+            field=what,
+        )
+    return value
+
+
+def _choice(value: Any, what: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise RefusedError(f"{what} must be one of {', '.join(allowed)}; got {value!r}", field=what)
+    return str(value)
+
+
+def _cpu(value: Any, what: str = "cpu") -> float:
+    """CPU share in CPUs: a positive number (0.25 = a quarter of one CPU)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise RefusedError(f"{what} must be a positive number of CPUs, got {value!r}", field=what)
+    return round(float(value), 4)
+
+
+def _uint(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RefusedError(f"{what} must be a non-negative integer, got {value!r}", field=what)
+    return value
+
+
+# ---- operations ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of every operation. `name` is the wire name."""
+
+    op: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class CreatePartition(Op):
+    op: ClassVar[str] = "create_partition"
+    name: str
+    kind: str = "guest"
+    cpu: float = 0.1
+    memory: int = 0
+    index: int = 0  # 0: the database picks the lowest free index
+
+
+@dataclass(frozen=True)
+class DestroyPartition(Op):
+    op: ClassVar[str] = "destroy_partition"
+    name: str
+
+
+@dataclass(frozen=True)
+class SetCpu(Op):
+    op: ClassVar[str] = "set_cpu"
+    name: str
+    cpu: float
+
+
+@dataclass(frozen=True)
+class SetMemory(Op):
+    op: ClassVar[str] = "set_memory"
+    name: str
+    memory: int
+
+
+@dataclass(frozen=True)
+class SetState(Op):
+    op: ClassVar[str] = "set_state"
+    name: str
+    state: str
+
+
+@dataclass(frozen=True)
+class AddDevice(Op):
+    op: ClassVar[str] = "add_device"
+    name: str
+    kind: str
+    path: str
+    server: str  # the I/O partition that owns the hardware
+
+
+@dataclass(frozen=True)
+class RemoveDevice(Op):
+    op: ClassVar[str] = "remove_device"
+    name: str
+
+
+@dataclass(frozen=True)
+class Assign(Op):
+    op: ClassVar[str] = "assign"
+    device: str
+    partition: str
+    mode: str = "rw"
+
+
+@dataclass(frozen=True)
+class Unassign(Op):
+    op: ClassVar[str] = "unassign"
+    device: str
+    partition: str
+
+
+@dataclass(frozen=True)
+class CreateChannel(Op):
+    op: ClassVar[str] = "create_channel"
+    name: str
+    server: str
+    client: str
+    nslots: int = 256
+    slot_size: int = 128
+
+
+@dataclass(frozen=True)
+class DestroyChannel(Op):
+    op: ClassVar[str] = "destroy_channel"
+    name: str
+
+
+OPS: dict[str, type[Op]] = {
+    c.op: c
+    for c in (
+        CreatePartition,
+        DestroyPartition,
+        SetCpu,
+        SetMemory,
+        SetState,
+        AddDevice,
+        RemoveDevice,
+        Assign,
+        Unassign,
+        CreateChannel,
+        DestroyChannel,
+    )
+}
+
+
+def parse_op(d: Any) -> Op:
+    """Turn a wire dictionary into a typed, field-checked operation."""
+    if not isinstance(d, dict):
+        raise RefusedError(f"an operation must be an object, got {type(d).__name__}", field="op")
+    cls = OPS.get(d.get("op", ""))
+    if cls is None:
+        raise RefusedError(
+            f"unknown operation {d.get('op')!r}; known: {', '.join(OPS)}", field="op"
+        )
+    known = {f.name for f in fields(cls)}
+    extra = set(d) - known - {"op"}
+    if extra:
+        raise RefusedError(
+            f"{cls.op}: unknown field(s) {', '.join(sorted(extra))}", field=sorted(extra)[0]
+        )
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
+    if missing:
+        raise RefusedError(f"{cls.op}: missing field(s) {', '.join(missing)}", field=missing[0])
+    args = {k: v for k, v in d.items() if k != "op"}
+    for key in ("name", "device", "partition", "server", "client"):
+        if key in args:
+            _name(args[key], key)
+    if "kind" in args:
+        kinds = PARTITION_KINDS if cls is CreatePartition else DEVICE_KINDS
+        _choice(args["kind"], "kind", kinds)
+    if "state" in args:
+        _choice(args["state"], "state", PARTITION_STATES)
+    if "mode" in args:
+        _choice(args["mode"], "mode", ASSIGN_MODES)
+    if "cpu" in args:
+        args["cpu"] = _cpu(args["cpu"])
+    for key in ("memory", "index", "nslots", "slot_size"):
+        if key in args:
+            _uint(args[key], key)
+    if "path" in args and (not isinstance(args["path"], str) or not args["path"]):
+        raise RefusedError("path must be a non-empty string", field="path")
+    return cls(**args)
+
+
+# ---- records ------------------------------------------------------------------
+
+
+@dataclass
+class PartitionRecord:
+    index: int
+    name: str
+    kind: str
+    cpu: float
+    memory: int
+    state: str = "defined"
+
+
+@dataclass
+class DeviceRecord:
+    name: str
+    kind: str
+    path: str
+    server: str
+    assigned: dict[str, str] = field(default_factory=dict)  # partition -> mode
+
+
+@dataclass
+class ChannelRecord:
+    name: str
+    server: str
+    client: str
+    nslots: int
+    slot_size: int
+
+
+Undo = Callable[[], object]
+
+
+class ResourceDB:
+    """Partitions, devices, channels and assignments, changed only through apply()."""
+
+    def __init__(self, cpu_capacity: float) -> None:
+        self.cpu_capacity = cpu_capacity
+        self.partitions: dict[str, PartitionRecord] = {}
+        self.devices: dict[str, DeviceRecord] = {}
+        self.channels: dict[str, ChannelRecord] = {}
+
+    # -- queries
+    def partition(self, name: str, what: str = "name") -> PartitionRecord:
+        p = self.partitions.get(name)
+        if p is None:
+            raise RefusedError(f"no partition named {name!r}", field=what, errno=errno.ENOENT)
+        return p
+
+    def cpu_used(self, exclude: str = "") -> float:
+        return round(sum(p.cpu for n, p in self.partitions.items() if n != exclude), 4)
+
+    def _free_index(self) -> int:
+        used = {p.index for p in self.partitions.values()}
+        i = 1
+        while i in used:
+            i += 1
+        return i
+
+    def _check_cpu(self, name: str, cpu: float) -> None:
+        used = self.cpu_used(exclude=name)
+        if used + cpu > self.cpu_capacity + 1e-9:
+            raise RefusedError(
+                f"cpu {cpu} for {name!r} exceeds the host: {used} of {self.cpu_capacity} "
+                f"CPUs already given",
+                field="cpu",
+                errno=errno.ENOSPC,
+            )
+
+    # -- mutation
+    def apply(self, op: Op) -> Undo:
+        """Validate and apply one operation; return its inverse. Raises RefusedError."""
+        handler = getattr(self, "_" + op.op)
+        undo: Undo = handler(op)
+        return undo
+
+    def _create_partition(self, op: CreatePartition) -> Undo:
+        if op.name in self.partitions:
+            raise RefusedError(
+                f"partition {op.name!r} already exists", field="name", errno=errno.EEXIST
+            )
+        index = op.index or self._free_index()
+        if index >= MAX_PARTITIONS or any(p.index == index for p in self.partitions.values()):
+            raise RefusedError(
+                f"partition index {index} is taken or out of range",
+                field="index",
+                errno=errno.EEXIST,
+            )
+        self._check_cpu(op.name, op.cpu)
+        self.partitions[op.name] = PartitionRecord(index, op.name, op.kind, op.cpu, op.memory)
+        return lambda: self.partitions.pop(op.name)
+
+    def _destroy_partition(self, op: DestroyPartition) -> Undo:
+        p = self.partition(op.name)
+        for ch in self.channels.values():
+            if op.name in (ch.server, ch.client):
+                raise RefusedError(
+                    f"partition {op.name!r} still has channel {ch.name!r}",
+                    field="name",
+                    errno=errno.EBUSY,
+                )
+        for dev in self.devices.values():
+            if op.name in dev.assigned or dev.server == op.name:
+                raise RefusedError(
+                    f"partition {op.name!r} still uses device {dev.name!r}",
+                    field="name",
+                    errno=errno.EBUSY,
+                )
+        del self.partitions[op.name]
+        return lambda: self.partitions.__setitem__(op.name, p)
+
+    def _set_cpu(self, op: SetCpu) -> Undo:
+        p = self.partition(op.name)
+        self._check_cpu(op.name, op.cpu)
+        old, p.cpu = p.cpu, op.cpu
+        return lambda: setattr(p, "cpu", old)
+
+    def _set_memory(self, op: SetMemory) -> Undo:
+        p = self.partition(op.name)
+        old, p.memory = p.memory, op.memory
+        return lambda: setattr(p, "memory", old)
+
+    def _set_state(self, op: SetState) -> Undo:
+        p = self.partition(op.name)
+        old, p.state = p.state, op.state
+        return lambda: setattr(p, "state", old)
+
+    def _add_device(self, op: AddDevice) -> Undo:
+        if op.name in self.devices:
+            raise RefusedError(
+                f"device {op.name!r} already exists", field="name", errno=errno.EEXIST
+            )
+        srv = self.partition(op.server, "server")
+        if srv.kind != "io":
+            raise RefusedError(f"server {op.server!r} is not an I/O partition", field="server")
+        for d in self.devices.values():
+            if d.path == op.path:
+                raise RefusedError(
+                    f"path {op.path!r} is already device {d.name!r}",
+                    field="path",
+                    errno=errno.EBUSY,
+                )
+        self.devices[op.name] = DeviceRecord(op.name, op.kind, op.path, op.server)
+        return lambda: self.devices.pop(op.name)
+
+    def _device(self, name: str, what: str) -> DeviceRecord:
+        d = self.devices.get(name)
+        if d is None:
+            raise RefusedError(f"no device named {name!r}", field=what, errno=errno.ENOENT)
+        return d
+
+    def _remove_device(self, op: RemoveDevice) -> Undo:
+        d = self._device(op.name, "name")
+        if d.assigned:
+            raise RefusedError(
+                f"device {op.name!r} is assigned to {', '.join(sorted(d.assigned))}",
+                field="name",
+                errno=errno.EBUSY,
+            )
+        del self.devices[op.name]
+        return lambda: self.devices.__setitem__(op.name, d)
+
+    def _assign(self, op: Assign) -> Undo:
+        d = self._device(op.device, "device")
+        self.partition(op.partition, "partition")
+        if op.partition in d.assigned:
+            raise RefusedError(
+                f"device {op.device!r} is already assigned to {op.partition!r}",
+                field="partition",
+                errno=errno.EEXIST,
+            )
+        if op.mode == "rw" and any(m == "rw" for m in d.assigned.values()):
+            raise RefusedError(
+                f"device {op.device!r} already has a writer", field="mode", errno=errno.EBUSY
+            )
+        d.assigned[op.partition] = op.mode
+        return lambda: d.assigned.pop(op.partition)
+
+    def _unassign(self, op: Unassign) -> Undo:
+        d = self._device(op.device, "device")
+        if op.partition not in d.assigned:
+            raise RefusedError(
+                f"device {op.device!r} is not assigned to {op.partition!r}",
+                field="partition",
+                errno=errno.ENOENT,
+            )
+        mode = d.assigned.pop(op.partition)
+        return lambda: d.assigned.__setitem__(op.partition, mode)
+
+    def _create_channel(self, op: CreateChannel) -> Undo:
+        if op.name in self.channels:
+            raise RefusedError(
+                f"channel {op.name!r} already exists", field="name", errno=errno.EEXIST
+            )
+        self.partition(op.server, "server")
+        self.partition(op.client, "client")
+        if op.server == op.client:
+            raise RefusedError("a channel needs two different partitions", field="client")
+        self.channels[op.name] = ChannelRecord(
+            op.name, op.server, op.client, op.nslots, op.slot_size
+        )
+        return lambda: self.channels.pop(op.name)
+
+    def _destroy_channel(self, op: DestroyChannel) -> Undo:
+        ch = self.channels.get(op.name)
+        if ch is None:
+            raise RefusedError(f"no channel named {op.name!r}", field="name", errno=errno.ENOENT)
+        del self.channels[op.name]
+        return lambda: self.channels.__setitem__(op.name, ch)
+
+    # -- persistence
+    def snapshot(self) -> dict[str, Any]:
+        """Canonical, JSON-ready state: equal databases give equal snapshots."""
+        return {
+            "cpu_capacity": self.cpu_capacity,
+            "partitions": {n: asdict(p) for n, p in sorted(self.partitions.items())},
+            "devices": {
+                n: asdict(d) | {"assigned": dict(sorted(d.assigned.items()))}
+                for n, d in sorted(self.devices.items())
+            },
+            "channels": {n: asdict(c) for n, c in sorted(self.channels.items())},
+        }
