@@ -163,10 +163,18 @@ class TransactionManager:
             )
         txid: int = msg["tx"]
         steps = msg.get("steps", [])
-        if not isinstance(steps, list):
-            raise RefusedError("steps must be a list of operations", field="steps")
-        whole = (origin, txid) not in self.pending and "steps" in msg and msg.get("commit")
-        tx = self.begin(origin, txid) if msg.get("begin") or whole else self.lookup(origin, txid)
+        try:
+            if not isinstance(steps, list):
+                raise RefusedError("steps must be a list of operations", field="steps")
+            whole = (origin, txid) not in self.pending and "steps" in msg and msg.get("commit")
+            opening = msg.get("begin") or whole
+            tx = self.begin(origin, txid) if opening else self.lookup(origin, txid)
+        except RefusedError as exc:
+            # refused before it could open: logged all the same
+            rec = AuditRecord(txid, origin, "refused", [], {"error": exc.to_dict()})
+            self._queued.append((PendingTx(txid, origin), rec))
+            self.refused += 1
+            raise
         if msg.get("abort"):
             self.abort(tx)
             return {"tx": txid, "state": "rolled_back"}
