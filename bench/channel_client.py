@@ -18,7 +18,8 @@ from iopart.channels.handoff import accept_channel
 
 
 def serve(sock: socket.socket) -> None:
-    end, bells = accept_channel(sock)
+    got = accept_channel(sock)
+    end = got.end
     while True:
         cmd = json.loads(sock.recv(4096) or b'{"op": "exit"}')
         op = cmd["op"]
@@ -42,8 +43,7 @@ def serve(sock: socket.socket) -> None:
         else:
             reply = {"ok": False, "error": f"unknown op {op!r}"}
         sock.send(json.dumps(reply).encode())
-    end.close()
-    bells.close()
+    got.close()
 
 
 def main() -> None:

@@ -75,23 +75,34 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_channel(args: argparse.Namespace) -> int:
-    from bench import channel, report
+def _run_bench(args: argparse.Namespace, name: str, run: Callable[..., dict[str, Any]]) -> int:
+    from bench import report
 
     bar, update = _progress_bar()
     with bar:
-        doc = channel.run(quick=args.quick, progress=update)
+        doc = run(quick=args.quick, progress=update)
     if not args.no_save:
         report.save(doc)
-    if args.json:
-        print(
-            json.dumps({k: doc[k] for k in ("bench", "rows", "ratios", "targets", "met", "quick")})
-        )
+    if getattr(args, "json", False):
+        keys = ("bench", "rows", "ratios", "targets", "met", "quick")
+        print(json.dumps({k: doc[k] for k in keys}))
     else:
         render_bench(doc)
         if not args.no_save:
-            out.print("saved bench/results/channel.json and regenerated BENCHMARKS.md")
-    return 0 if all(doc["met"].values()) or not args.check else 1
+            out.print(f"saved bench/results/{name}.json and regenerated BENCHMARKS.md")
+    return 1 if args.check and not all(doc["met"].values()) else 0
+
+
+def cmd_bench_channel(args: argparse.Namespace) -> int:
+    from bench import channel
+
+    return _run_bench(args, "channel", channel.run)
+
+
+def cmd_bench_tx(args: argparse.Namespace) -> int:
+    from bench import tx
+
+    return _run_bench(args, "tx", tx.run)
 
 
 def cmd_bench_report(args: argparse.Namespace) -> int:
@@ -136,17 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (iopart and its comparison points in one run)")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
-    bc = bsub.add_parser(
-        "channel",
-        parents=[common],
-        help="null request round trip over a channel vs raw ring and eventfd",
+    benches = (
+        (
+            "channel",
+            cmd_bench_channel,
+            "null request round trip over a channel vs raw ring and eventfd",
+        ),
+        (
+            "tx",
+            cmd_bench_tx,
+            "committed transactions/s through the command channel vs a durable SQLite loop",
+        ),
     )
-    bc.add_argument("--quick", action="store_true", help="short run (under 30 s)")
-    bc.add_argument(
-        "--no-save", action="store_true", help="do not write bench/results or BENCHMARKS.md"
-    )
-    bc.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    bc.set_defaults(func=cmd_bench_channel)
+    for name, func, text in benches:
+        bc = bsub.add_parser(name, parents=[common], help=text)
+        bc.add_argument("--quick", action="store_true", help="short run (under 30 s)")
+        bc.add_argument(
+            "--no-save", action="store_true", help="do not write bench/results or BENCHMARKS.md"
+        )
+        bc.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+        bc.set_defaults(func=func)
     br = bsub.add_parser("report", help="regenerate BENCHMARKS.md from bench/results/*.json")
     br.set_defaults(func=cmd_bench_report)
     return p
