@@ -6,8 +6,10 @@ the current state and applies it, returning the inverse operation so a transacti
 can be rolled back in reverse order. A refused operation raises `RefusedError`
 naming the field at fault and changes nothing.
 
-Memory is not in here: partitions' memory extents live in the page map, which the
-transaction layer drives next to this database (see `iopart.transaction`).
+Memory is the tiered page map (`iopart.pagemap`) over the partition-memory area of
+the host pool: a partition's memory is the pages its index owns there. Growing,
+shrinking, creating and destroying allocate and free pages, and their inverses give
+back exactly the pages taken, so a rolled-back transaction leaves the map as it was.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from iopart.errors import IopartError
+from iopart.pagemap import PAGE_SIZE, PageMap, PageMapError
+from iopart.pool import Extent
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 PARTITION_KINDS = ("system", "io", "guest")
 PARTITION_STATES = ("defined", "running", "stopped", "failed")
 DEVICE_KINDS = ("disk", "nic")
 ASSIGN_MODES = ("rw", "ro")
-MAX_PARTITIONS = 1 << 20
+MAX_PARTITIONS = 256  # slots of the descriptor table (iopart.descriptors)
+DEFAULT_MEMORY_AREA = 1 << 30
+MAX_EXTENTS = 64  # regions of a descriptor's translation table (IOP_XLATE_MAX_REGIONS)
 
 
 class RefusedError(IopartError):
@@ -260,8 +266,9 @@ Undo = Callable[[], object]
 class ResourceDB:
     """Partitions, devices, channels and assignments, changed only through apply()."""
 
-    def __init__(self, cpu_capacity: float) -> None:
+    def __init__(self, cpu_capacity: float, memory_bytes: int = DEFAULT_MEMORY_AREA) -> None:
         self.cpu_capacity = cpu_capacity
+        self.pagemap = PageMap(memory_bytes)
         self.partitions: dict[str, PartitionRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
         self.channels: dict[str, ChannelRecord] = {}
@@ -306,15 +313,21 @@ class ResourceDB:
                 f"partition {op.name!r} already exists", field="name", errno=errno.EEXIST
             )
         index = op.index or self._free_index()
-        if index >= MAX_PARTITIONS or any(p.index == index for p in self.partitions.values()):
+        if not 0 < index < MAX_PARTITIONS or any(p.index == index for p in self.partitions.values()):
             raise RefusedError(
                 f"partition index {index} is taken or out of range",
                 field="index",
                 errno=errno.EEXIST,
             )
         self._check_cpu(op.name, op.cpu)
-        self.partitions[op.name] = PartitionRecord(index, op.name, op.kind, op.cpu, op.memory)
-        return lambda: self.partitions.pop(op.name)
+        memory, _ = self._grow(op.name, index, 0, op.memory)
+        self.partitions[op.name] = PartitionRecord(index, op.name, op.kind, op.cpu, memory)
+
+        def undo() -> None:
+            self.pagemap.free_owner(index)
+            self.partitions.pop(op.name)
+
+        return undo
 
     def _destroy_partition(self, op: DestroyPartition) -> Undo:
         p = self.partition(op.name)
@@ -332,8 +345,16 @@ class ResourceDB:
                     field="name",
                     errno=errno.EBUSY,
                 )
+        held = self.pagemap.extents_of(p.index)
+        self.pagemap.free_owner(p.index)
         del self.partitions[op.name]
-        return lambda: self.partitions.__setitem__(op.name, p)
+
+        def undo() -> None:
+            if held:
+                self.pagemap.claim(p.index, held)
+            self.partitions[op.name] = p
+
+        return undo
 
     def _set_cpu(self, op: SetCpu) -> Undo:
         p = self.partition(op.name)
@@ -341,10 +362,51 @@ class ResourceDB:
         old, p.cpu = p.cpu, op.cpu
         return lambda: setattr(p, "cpu", old)
 
+    def _grow(self, name: str, owner: int, have: int, want: int) -> tuple[int, list[Extent]]:
+        """Allocate pages so `owner` holds `want` bytes (page-rounded).
+
+        Returns that size and the extents newly allocated."""
+        want = -(-want // PAGE_SIZE) * PAGE_SIZE
+        if want <= have:
+            return want, []
+        try:
+            added = self.pagemap.allocate(owner, want - have)
+        except PageMapError as exc:
+            raise RefusedError(
+                f"memory {want} for {name!r}: {exc}", field="memory", errno=errno.ENOSPC
+            ) from exc
+        if len(self.pagemap.extents_of(owner)) > MAX_EXTENTS:
+            self.pagemap.free(owner, added)
+            raise RefusedError(
+                f"memory {want} for {name!r}: free memory is too fragmented "
+                f"(more than {MAX_EXTENTS} extents)",
+                field="memory",
+                errno=errno.ENOSPC,
+            )
+        return want, added
+
     def _set_memory(self, op: SetMemory) -> Undo:
         p = self.partition(op.name)
-        old, p.memory = p.memory, op.memory
-        return lambda: setattr(p, "memory", old)
+        old = p.memory
+        new, added = self._grow(op.name, p.index, old, op.memory)
+        released: list[Extent] = []
+        if new < old:
+            released = _tail(self.pagemap.extents_of(p.index), old - new)
+            self.pagemap.free(p.index, released)
+        p.memory = new
+
+        def undo() -> None:
+            if added:
+                self.pagemap.free(p.index, added)
+            elif released:
+                self.pagemap.claim(p.index, released)
+            p.memory = old
+
+        return undo
+
+    def memory_of(self, name: str) -> list[Extent]:
+        """The extents (offsets in the partition-memory area) partition `name` holds."""
+        return self.pagemap.extents_of(self.partition(name).index)
 
     def _set_state(self, op: SetState) -> Undo:
         p = self.partition(op.name)
@@ -439,10 +501,28 @@ class ResourceDB:
         """Canonical, JSON-ready state: equal databases give equal snapshots."""
         return {
             "cpu_capacity": self.cpu_capacity,
-            "partitions": {n: asdict(p) for n, p in sorted(self.partitions.items())},
+            "memory_bytes": self.pagemap.total_bytes,
+            "partitions": {
+                n: asdict(p)
+                | {"extents": [[e.offset, e.length] for e in self.pagemap.extents_of(p.index)]}
+                for n, p in sorted(self.partitions.items())
+            },
             "devices": {
                 n: asdict(d) | {"assigned": dict(sorted(d.assigned.items()))}
                 for n, d in sorted(self.devices.items())
             },
             "channels": {n: asdict(c) for n, c in sorted(self.channels.items())},
         }
+
+
+def _tail(extents: list[Extent], nbytes: int) -> list[Extent]:
+    """The last `nbytes` of sorted page extents, as extents."""
+    out: list[Extent] = []
+    for e in reversed(extents):
+        if nbytes <= 0:
+            break
+        take = min(nbytes, e.length)
+        out.append(Extent(e.end - take, take))
+        nbytes -= take
+    return sorted(out, key=lambda e: e.offset)
+

@@ -19,6 +19,8 @@ from iopart.transaction import ReplayError, TransactionManager, replay
 pytestmark = pytest.mark.unit
 
 CPUS = 2.0
+MEM = (20 << 20) + (3 << 12)  # not a whole number of 4 MiB blocks: the map's end is split
+PAGE = 4096
 NAMES = ["a", "b", "c", "iop"]
 DEVS = ["d0", "d1"]
 
@@ -35,10 +37,19 @@ class Model:
         """Apply if allowed; return whether it was."""
         p, d, k = self.parts, self.devs, o["op"]
         cpu_used = sum(v["cpu"] for v in p.values())
+        mem_used = sum(v["memory"] for v in p.values())
+        pages = -(-o.get("memory", 0) // PAGE) * PAGE
         if k == "create_partition":
-            if o["name"] in p or cpu_used + o["cpu"] > CPUS + 1e-9:
+            if o["name"] in p or cpu_used + o["cpu"] > CPUS + 1e-9 or mem_used + pages > MEM:
                 return False
-            p[o["name"]] = {"cpu": o["cpu"], "kind": o["kind"], "state": "defined"}
+            p[o["name"]] = {
+                "cpu": o["cpu"], "kind": o["kind"], "state": "defined", "memory": pages
+            }
+        elif k == "set_memory":
+            n = o["name"]
+            if n not in p or mem_used - p[n]["memory"] + pages > MEM:
+                return False
+            p[n]["memory"] = pages
         elif k == "destroy_partition":
             n = o["name"]
             if n not in p or any(n in c for c in self.chans.values()):
@@ -92,7 +103,10 @@ class Model:
 
     def view(self) -> dict[str, Any]:
         return {
-            "parts": {n: (v["cpu"], v["kind"], v["state"]) for n, v in sorted(self.parts.items())},
+            "parts": {
+                n: (v["cpu"], v["kind"], v["state"], v["memory"])
+                for n, v in sorted(self.parts.items())
+            },
             "devs": {
                 n: (v["path"], v["server"], dict(sorted(v["assigned"].items())))
                 for n, v in sorted(self.devs.items())
@@ -102,8 +116,17 @@ class Model:
 
 
 def db_view(db: ResourceDB) -> dict[str, Any]:
+    held = 0
+    for p in db.partitions.values():
+        extents = db.memory_of(p.name)
+        assert sum(e.length for e in extents) == p.memory, f"{p.name} holds other than its memory"
+        assert all(db.pagemap.owner_of(e.offset) == p.index for e in extents)
+        held += p.memory
+    assert db.pagemap.used_bytes() == held, "pages held by no partition"
     return {
-        "parts": {n: (p.cpu, p.kind, p.state) for n, p in sorted(db.partitions.items())},
+        "parts": {
+            n: (p.cpu, p.kind, p.state, p.memory) for n, p in sorted(db.partitions.items())
+        },
         "devs": {
             n: (d.path, d.server, dict(sorted(d.assigned.items())))
             for n, d in sorted(db.devices.items())
@@ -120,6 +143,8 @@ def random_op(rng: random.Random) -> dict[str, Any]:
             "create_partition",
             "destroy_partition",
             "set_cpu",
+            "set_memory",
+            "set_memory",
             "set_state",
             "add_device",
             "remove_device",
@@ -130,8 +155,12 @@ def random_op(rng: random.Random) -> dict[str, Any]:
         ]
     )
     cpu = rng.choice([0.25, 0.5, 1.0, 1.5])
+    mem = rng.choice([0, 1000, 4096, 9000, 1 << 20, 3 << 20, 4 << 20, 5 << 20, 9 << 20])
     if k == "create_partition":
-        return {"op": k, "name": n, "kind": "io" if n == "iop" else "guest", "cpu": cpu}
+        kind = "io" if n == "iop" else "guest"
+        return {"op": k, "name": n, "kind": kind, "cpu": cpu, "memory": mem}
+    if k == "set_memory":
+        return {"op": k, "name": n, "memory": mem}
     if k in ("destroy_partition",):
         return {"op": k, "name": n}
     if k == "set_cpu":
@@ -161,9 +190,10 @@ def random_op(rng: random.Random) -> dict[str, Any]:
 def run_random(seed: int, n_tx: int, path: Path) -> tuple[TransactionManager, Model]:
     rng = random.Random(seed)
     log = AuditLog(path)
-    tm = TransactionManager(ResourceDB(CPUS), log)
+    tm = TransactionManager(ResourceDB(CPUS, MEM), log)
     model = Model()
     for txid in range(1, n_tx + 1):
+        before = tm.db.snapshot()
         steps = [random_op(rng) for _ in range(rng.randint(1, 4))]
         trial = copy.deepcopy(model)
         accepted = all(trial.ok(s) for s in steps)
@@ -179,8 +209,11 @@ def run_random(seed: int, n_tx: int, path: Path) -> tuple[TransactionManager, Mo
             if not abort:
                 assert reply["state"] == "committed"
                 model = trial
+            if abort:
+                assert tm.db.snapshot() == before, f"abort of tx {txid} left changes"
         except RefusedError:
             assert not accepted, f"tx {txid} was refused, the model accepts it: {steps}"
+            assert tm.db.snapshot() == before, f"refused tx {txid} left changes"
         if txid % 50 == 0:
             tm.flush()
         assert db_view(tm.db) == model.view()
@@ -193,7 +226,7 @@ def test_ten_thousand_random_transactions_match_the_model(tmp_path: Path) -> Non
     assert tm.committed > 500 and tm.refused > 1000  # the mix exercised both outcomes
     assert not tm.pending and tm.holder is None
     # replaying the durable log rebuilds the very same database
-    fresh = ResourceDB(CPUS)
+    fresh = ResourceDB(CPUS, MEM)
     n = replay(fresh, AuditLog(tmp_path / "audit.db"))
     assert n == tm.committed
     assert fresh.snapshot() == tm.db.snapshot()
@@ -209,7 +242,7 @@ def test_random_transactions_replay_identically(
 ) -> None:
     path = tmp_path_factory.mktemp("tx") / "audit.db"
     tm, _ = run_random(seed, 150, path)
-    fresh = ResourceDB(CPUS)
+    fresh = ResourceDB(CPUS, MEM)
     replay(fresh, AuditLog(path))
     assert fresh.snapshot() == tm.db.snapshot()
 
