@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -119,11 +122,168 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(out, quick=not args.full)
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB" if n % (1 << 20) else f"{n >> 20:,} MiB"
+
+
+def _emit(args: argparse.Namespace, doc: Any, render: Callable[[Any], None]) -> int:
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        render(doc)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from iopart import stack
+
+    config = Path(args.config) if args.config else None
+    bar, update = _progress_bar()
+    with bar:
+        info = stack.up(_state_dir(args), config, timeout=args.timeout, progress=update)
+
+    def show(i: dict[str, Any]) -> None:
+        if i["already_running"]:
+            out.print(f"already up: boot pid {i['boot_pid']}, state in {i['state_dir']}")
+        else:
+            out.print(f"up: boot pid {i['boot_pid']}, command partition pid {i['command_pid']}, "
+                      f"state in {i['state_dir']}")
+
+    return _emit(args, info, show)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from iopart import stack
+
+    info = stack.down(_state_dir(args), grace=args.timeout)
+
+    def show(i: dict[str, Any]) -> None:
+        if not i["was_running"]:
+            out.print("not running")
+        else:
+            how = "killed after the grace time" if i["killed"] else "stopped cleanly"
+            out.print(f"down: boot pid {i['boot_pid']} {how}")
+
+    return _emit(args, info, show)
+
+
+def _rpc(args: argparse.Namespace, method: str, **params: Any) -> Any:
+    from iopart.rpc import RpcClient
+
+    with RpcClient(_state_dir(args)) as c:
+        return c.call(method, **params)
+
+
+def _partition_table(parts: list[dict[str, Any]], title: str = "partitions") -> Table:
+    t = Table(title=title)
+    for col in ("index", "name", "kind", "state", "cpu", "memory", "extents"):
+        t.add_column(col, justify="right" if col in ("index", "cpu", "memory") else "left")
+    for p in sorted(parts, key=lambda p: p["index"]):
+        ext = p.get("extents", [])
+        where = ", ".join(f"{o:#x}+{_mib(n)}" for o, n in ext[:3])
+        where += " ..." if len(ext) > 3 else ""
+        t.add_row(str(p["index"]), p["name"], p["kind"], p["state"], f"{p['cpu']:g}",
+                  _mib(p["memory"]), where)
+    return t
+
+
+def render_status(doc: dict[str, Any]) -> None:
+    db, uv, boot = doc["database"], doc["ultravisor"], doc["boot"]
+    parts = list(db.get("partitions", {}).values())
+    out.print(_partition_table(parts))
+    r = Table(title="resources")
+    for col in ("resource", "used", "total"):
+        r.add_column(col, justify="left" if col == "resource" else "right")
+    cpu_used = sum(p["cpu"] for p in parts)
+    r.add_row("cpu", f"{cpu_used:g}", f"{db.get('cpu_capacity', 0):g}")
+    if uv:
+        used = uv["memory_bytes"] - uv["memory_free"]
+        r.add_row("partition memory (page map)", _mib(used), _mib(uv["memory_bytes"]))
+        r.add_row("host pool", "", _mib(uv["pool_size"]) + (" hugetlb" if uv["pool_hugetlb"]
+                                                             else " 4 KiB pages"))
+    r.add_row("channels", str(len(db.get("channels", {}))), "")
+    r.add_row("devices", str(len(db.get("devices", {}))), "")
+    out.print(r)
+    h = Table(title="health")
+    for col in ("partition", "pid", "state", "detail"):
+        h.add_column(col)
+    h.add_row("boot", str(boot.get("pid", "?")), "running" if boot else "unknown", "")
+    for name, c in boot.get("children", {}).items():
+        state = "[green]running[/]" if c["alive"] else "[red]down[/]"
+        h.add_row(name, str(c["pid"]), state, f"restarts {c['restarts']}")
+    if uv:
+        h.add_row("transactions", "", "", f"committed {uv['committed']}, refused "
+                  f"{uv['refused']}, rolled back {uv['rolled_back']}, open {uv['open']}, "
+                  f"replayed at start {uv['replayed']}")
+    else:
+        h.add_row("ultravisor", "", "[red]unreachable[/]", "")
+    out.print(h)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _emit(args, _rpc(args, "status"), render_status)
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    a = args.action
+    if a == "list":
+        return _emit(args, _rpc(args, "partition.list"),
+                     lambda d: out.print(_partition_table(d["partitions"])))
+    if a == "create":
+        params: dict[str, Any] = {"name": args.name}
+        if args.cpu is not None:
+            params["cpu"] = args.cpu
+        if args.memory is not None:
+            params["memory_mib"] = args.memory
+        doc = _rpc(args, "partition.create", **params)
+    elif a == "show":
+        doc = _rpc(args, "partition.show", name=args.name)
+        return _emit(args, doc, lambda d: out.print_json(json.dumps(d)))
+    elif a == "destroy":
+        doc = _rpc(args, "partition.destroy", name=args.name)
+        return _emit(args, doc, lambda d: out.print(f"destroyed {d['destroyed']} (tx {d['tx']})"))
+    elif a == "set-cpu":
+        doc = _rpc(args, "partition.set_cpu", name=args.name, cpu=args.cpu)
+    else:
+        doc = _rpc(args, "partition.set_memory", name=args.name, memory_mib=args.memory)
+    return _emit(args, doc, lambda d: out.print(
+        _partition_table([d["partition"]], title=f"committed (tx {d['tx']})")))
+
+
+def _audit_table(recs: list[dict[str, Any]]) -> Table:
+    t = Table(title="audit log")
+    for col in ("seq", "time", "origin", "outcome", "steps", "detail"):
+        t.add_column(col)
+    import time as _time
+
+    for r in recs:
+        when = _time.strftime("%H:%M:%S", _time.localtime(r["ts"]))
+        ops = ", ".join(o["op"] + ("(" + o["name"] + ")" if "name" in o else "") for o in r["ops"])
+        detail = r["result"].get("error", {}).get("message", r["result"].get("reason", ""))
+        color = {"committed": "green", "refused": "red"}.get(r["outcome"], "yellow")
+        t.add_row(str(r["seq"]), when, r["origin"], f"[{color}]{r['outcome']}[/]", ops, detail)
+    return t
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        doc = _rpc(args, "audit.list", since=args.since, limit=args.limit)
+        return _emit(args, doc, lambda d: out.print(_audit_table(d["records"])))
+    doc = _rpc(args, "audit.show", seq=args.seq)
+    return _emit(args, doc, lambda d: out.print_json(json.dumps(d)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iopart",
         description="I/O-partition virtual device server. Implemented so far: the host memory "
-        "pool, memory channels with a native data path, and the channel benchmark.",
+        "pool, memory channels with a native data path, the system partitions (boot, "
+        "ultravisor, command) with the resource database, audit log and resource service, "
+        "and the channel and transaction benchmarks.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -169,6 +329,53 @@ def build_parser() -> argparse.ArgumentParser:
         bc.set_defaults(func=func)
     br = bsub.add_parser("report", help="regenerate BENCHMARKS.md from bench/results/*.json")
     br.set_defaults(func=cmd_bench_report)
+
+    # the host stack: --state-dir is accepted on every stack command
+    st = argparse.ArgumentParser(add_help=False, parents=[common])
+    st.add_argument(
+        "--state-dir",
+        default=os.environ.get("IOPART_STATE_DIR", ".iopart"),
+        help="state directory: audit log, sockets, logs (default ./.iopart or $IOPART_STATE_DIR)",
+    )
+    u = sub.add_parser("up", parents=[st], help="start boot, ultravisor and command partitions")
+    u.add_argument("--config", help="host TOML config (default: built-in defaults)")
+    u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    u.set_defaults(func=cmd_up)
+    dn = sub.add_parser("down", parents=[st], help="stop the stack cleanly")
+    dn.add_argument("--timeout", type=float, default=30.0,
+                    help="grace seconds before everything is killed (default 30)")
+    dn.set_defaults(func=cmd_down)
+    sub.add_parser("status", parents=[st], help="partitions, resources, channels, health"
+                   ).set_defaults(func=cmd_status)
+
+    pp = sub.add_parser("partition", help="create, list, show, destroy, resize partitions")
+    psub = pp.add_subparsers(dest="action", metavar="ACTION")
+    psub.required = True
+    pc = psub.add_parser("create", parents=[st], help="create a guest partition")
+    pc.add_argument("name")
+    pc.add_argument("--cpu", type=float, help="CPUs, e.g. 0.25 or 2 (default: policy)")
+    pc.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (default: policy)")
+    psub.add_parser("list", parents=[st], help="every partition")
+    for action, text in (("show", "one partition with its descriptor"),
+                         ("destroy", "destroy a guest partition")):
+        psub.add_parser(action, parents=[st], help=text).add_argument("name")
+    sc = psub.add_parser("set-cpu", parents=[st], help="change CPU assignment")
+    sc.add_argument("name")
+    sc.add_argument("cpu", type=float, help="CPUs, e.g. 0.5")
+    sm = psub.add_parser("set-memory", parents=[st], help="grow or shrink memory")
+    sm.add_argument("name")
+    sm.add_argument("memory", type=int, metavar="MIB", help="memory in MiB")
+    pp.set_defaults(func=cmd_partition)
+
+    au = sub.add_parser("audit", help="the audit log of transactions")
+    asub = au.add_subparsers(dest="action", metavar="ACTION")
+    asub.required = True
+    al = asub.add_parser("list", parents=[st], help="records after --since")
+    al.add_argument("--since", type=int, default=0, help="after this sequence number")
+    al.add_argument("--limit", type=int, default=50, help="at most this many (1-1000)")
+    ash = asub.add_parser("show", parents=[st], help="one record")
+    ash.add_argument("seq", type=int)
+    au.set_defaults(func=cmd_audit)
     return p
 
 
@@ -181,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": exc.to_dict()}))
         else:
-            err.print(f"[red]iopart: {exc.kind}:[/] {exc.message}")
+            err.print(f"[red]iopart: {exc.kind}:[/] {escape(exc.message)}")
         return 2
     except KeyboardInterrupt:
         err.print("iopart: interrupted")
