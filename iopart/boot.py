@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +38,7 @@ log = logging.getLogger("iopart.boot")
 SYSTEM_CPU = 0.01  # CPU share recorded for each system partition
 START_ORDER = ("ultravisor", "command")
 STOP_GRACE_S = 10.0
+QUICK_EXIT_S = 1.0  # a child that dies sooner than this after its start is crash-looping
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Child:
     pidfd: int = -1
     restarts: int = 0
     started: float = 0.0
-    failures: list[float] = field(default_factory=list)
+    started_at: float = 0.0
+    quick_failures: int = 0
     last_exit: int | None = None
 
     @property
@@ -83,6 +85,7 @@ class Boot:
                                   stdin=subprocess.DEVNULL, cwd=self.state_dir)
         c.pidfd = os.pidfd_open(c.proc.pid)
         c.started = time.monotonic()
+        c.started_at = time.time()
         self.sel.register(c.pidfd, selectors.EVENT_READ, c)
         log.info("started %s (pid %d)", c.name, c.proc.pid)
         if c.name == "ultravisor":
@@ -107,12 +110,14 @@ class Boot:
         c.proc, c.pidfd = None, -1
         if not self.running:
             return
-        now = time.monotonic()
-        c.failures = [t for t in c.failures if now - t < 60] + [now]
+        quick = time.monotonic() - c.started < QUICK_EXIT_S
+        c.quick_failures = c.quick_failures + 1 if quick else 0
         self.wanted[c.name] = "failed"
         self.record_states()
-        if len(c.failures) > 5:
-            time.sleep(min(5.0, 0.2 * 2 ** (len(c.failures) - 5)))  # keeps failing: back off
+        if c.quick_failures > 3:  # crash loop: back off, up to 5 s
+            delay = min(5.0, 0.1 * 2 ** (c.quick_failures - 3))
+            log.warning("%s keeps failing at start: waiting %.1f s", c.name, delay)
+            time.sleep(delay)
         c.restarts += 1
         self.start(c)
 
@@ -154,7 +159,8 @@ class Boot:
             "pid": os.getpid(),
             "children": {
                 c.name: {"pid": c.pid, "alive": c.proc is not None and c.proc.poll() is None,
-                         "restarts": c.restarts, "last_exit": c.last_exit}
+                         "restarts": c.restarts, "last_exit": c.last_exit,
+                         "started_at": c.started_at}
                 for c in self.children.values()
             },
         }
