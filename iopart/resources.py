@@ -313,7 +313,8 @@ class ResourceDB:
                 f"partition {op.name!r} already exists", field="name", errno=errno.EEXIST
             )
         index = op.index or self._free_index()
-        if not 0 < index < MAX_PARTITIONS or any(p.index == index for p in self.partitions.values()):
+        taken = any(p.index == index for p in self.partitions.values())
+        if taken or not 0 < index < MAX_PARTITIONS:
             raise RefusedError(
                 f"partition index {index} is taken or out of range",
                 field="index",
