@@ -42,6 +42,7 @@ from iopart.channels import Channel, ChannelGeometry, Region, RegionTable, Role
 from iopart.channels.handoff import offer_channel
 from iopart.command_channel import CommandServer
 from iopart.config import load as load_config
+from iopart.cpu_enforcer import CpuEnforcer
 from iopart.descriptors import DescriptorTable, regions_for
 from iopart.errors import IopartError
 from iopart.pool import Extent, HostMemoryPool
@@ -87,7 +88,9 @@ class Ultravisor:
         self.audit = AuditLog(state_dir / "audit.db")
         self.replayed = replay(self.db, self.audit)
         self.descriptors = DescriptorTable(self.pool.size)
+        self.cpu = CpuEnforcer(state_dir)
         self.sync_descriptors()
+        self.cpu.attach("ultravisor", os.getpid(), self.db.partitions)
         self.tm = TransactionManager(self.db, self.audit)
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[int, Session] = {}
@@ -99,7 +102,9 @@ class Ultravisor:
             n: regions_for(self.db.memory_of(n), self.memory_area.offset)
             for n in self.db.partitions
         }
-        return self.descriptors.sync(self.db.partitions, regions)
+        changed = self.descriptors.sync(self.db.partitions, regions)
+        self.cpu.sync(self.db.partitions)
+        return changed
 
     # -- messages from a command channel
     def handle(self, origin: str, msg: Any) -> dict[str, Any]:
@@ -130,6 +135,7 @@ class Ultravisor:
                     "pool_hugetlb": self.pool.hugetlb, "memory_bytes": pm.total_bytes,
                     "memory_free": pm.free_bytes(), "pagemap": pm.counters(),
                     "descriptor_publishes": self.descriptors.publishes,
+                    "cpu": self.cpu.report(),
                     "sessions": [{"origin": s.origin, "pid": s.pid,
                                   "served": s.server.served, "refused": s.server.refused}
                                  for s in self.sessions.values()],
@@ -178,6 +184,7 @@ class Ultravisor:
             s.close(self.pool)
             raise
         conn.settimeout(None)
+        self.cpu.attach(name, pid, self.db.partitions)
         return s
 
     def _handler(self, origin: str) -> Callable[[Any], dict[str, Any]]:
@@ -196,6 +203,7 @@ class Ultravisor:
         n = self.tm.rollback_origin(s.origin)
         self.flush()
         log.warning("%s (pid %d) is gone: %d open transaction(s) rolled back", s.origin, s.pid, n)
+        self.cpu.detach(s.origin.partition("/")[0], s.pid)
         s.close(self.pool)
 
     def serve(self, s: Session) -> None:
@@ -236,6 +244,7 @@ class Ultravisor:
             self.sock_path.unlink(missing_ok=True)
             self.audit.close()
             self.descriptors.close()
+            self.cpu.close()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -259,3 +260,47 @@ def test_a_partition_dying_mid_transaction_is_rolled_back(stack: Stack) -> None:
     assert [o["op"] for o in rolled[-1]["ops"]] == ["create_partition", "set_memory"]
     assert stack.status()["database"] == before
     stack.call("partition.create", name="other", cpu=0.1)  # the database is free again
+
+
+def test_a_partition_given_a_quarter_cpu_gets_a_quarter(stack: Stack) -> None:
+    """Claims 26-28 end to end: the share is a transaction, the ultravisor applies it
+    with cgroups to the process that runs as that partition."""
+    stack.call("partition.create", name="spin", cpu=0.25, memory_mib=1)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from iopart.uvlink import UltravisorLink\n"
+        "l = UltravisorLink.connect(Path(sys.argv[1]), 'spin')\n"
+        "print('in', flush=True)\n"
+        "while True: pass\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(stack.dir)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "in"
+
+        def group() -> dict[str, Any]:
+            g: dict[str, Any] = stack.status()["ultravisor"]["cpu"]["groups"]["spin"]
+            return g
+
+        import time
+
+        for _ in range(100):
+            if child.pid in group()["pids"]:
+                break
+            time.sleep(0.02)
+        assert child.pid in group()["pids"]
+        assert group()["quota_us"] == 25_000
+        time.sleep(0.3)
+        u0, t0 = group()["usage_ns"], time.monotonic()
+        time.sleep(2.0)
+        used = (group()["usage_ns"] - u0) / ((time.monotonic() - t0) * 1e9)
+        assert 0.20 <= used <= 0.30, f"0.25 CPU measured as {used:.3f}"
+        # a new share is a transaction and takes effect at once
+        stack.call("partition.set_cpu", name="spin", cpu=0.5)
+        assert group()["quota_us"] == 50_000
+    finally:
+        child.kill()
+        child.wait()
+    stack.call("partition.destroy", name="spin")
+    assert "spin" not in stack.status()["ultravisor"]["cpu"]["groups"]

@@ -1,0 +1,108 @@
+"""The ultravisor's side of CPU assignment: keep cgroups equal to the database.
+
+After every durable batch the ultravisor calls `sync`: each partition's group gets
+the plan for its CPU share (fractions: a quota; whole CPUs: a cpuset of that many
+CPUs, handed out in partition-index order), groups of destroyed partitions are
+removed, and processes that connected as a partition are moved into its group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from iopart.cpu import CpuController, CpuError, CpuGroup, CpuPlan, plan
+from iopart.resources import PartitionRecord
+
+log = logging.getLogger("iopart.cpu")
+
+
+class CpuEnforcer:
+    def __init__(self, state_dir: Path) -> None:
+        base = "iopart-" + hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+        self.ctl: CpuController | None = None
+        self.error = ""
+        try:
+            self.ctl = CpuController.detect(base)
+        except CpuError as exc:
+            self.error = exc.message
+            log.warning("CPU shares not enforced: %s", exc.message)
+        self.groups: dict[str, CpuGroup] = {}
+        self.applied: dict[str, CpuPlan] = {}
+        self.members: dict[str, set[int]] = {}
+
+    def plans(self, partitions: dict[str, PartitionRecord]) -> dict[str, CpuPlan]:
+        assert self.ctl is not None
+        host = self.ctl.host_cpus()
+        nxt = 0
+        out: dict[str, CpuPlan] = {}
+        for p in sorted(partitions.values(), key=lambda p: p.index):
+            if p.cpu >= 1 and float(p.cpu).is_integer() and int(p.cpu) <= len(host):
+                n = int(p.cpu)
+                cpus = [host[(nxt + i) % len(host)] for i in range(n)]
+                nxt += n
+                out[p.name] = plan(p.cpu, cpus)
+            else:
+                out[p.name] = plan(p.cpu)
+        return out
+
+    def sync(self, partitions: dict[str, PartitionRecord]) -> None:
+        if self.ctl is None:
+            return
+        try:
+            for name, pl in self.plans(partitions).items():
+                if self.applied.get(name) != pl:
+                    g = self.groups.get(name) or self.ctl.group(name)
+                    self.groups[name] = g
+                    g.apply(pl)
+                    self.applied[name] = pl
+            for name in [n for n in self.groups if n not in partitions]:
+                self.groups.pop(name).destroy()
+                self.applied.pop(name, None)
+            for name, pids in self.members.items():
+                member_of = self.groups.get(name)
+                if member_of is not None:
+                    for pid in list(pids):
+                        self._add(member_of, name, pid)
+        except CpuError as exc:
+            log.error("cannot apply CPU shares: %s", exc.message)
+            self.error = exc.message
+
+    def attach(self, name: str, pid: int, partitions: dict[str, PartitionRecord]) -> None:
+        """Process `pid` runs partition `name`: it goes into that group (now or once the
+        partition exists)."""
+        self.members.setdefault(name, set()).add(pid)
+        self.sync(partitions)
+
+    def detach(self, name: str, pid: int) -> None:
+        self.members.get(name, set()).discard(pid)
+
+    def _add(self, g: CpuGroup, name: str, pid: int) -> None:
+        try:
+            if pid not in g.pids():
+                g.add(pid)
+        except CpuError as exc:
+            log.warning("cannot move pid %d into %s: %s", pid, name, exc.message)
+            self.members[name].discard(pid)
+
+    def report(self) -> dict[str, Any]:
+        if self.ctl is None:
+            return {"enforced": False, "error": self.error}
+        groups = {}
+        for name, g in self.groups.items():
+            pl = self.applied.get(name)
+            try:
+                usage, pids, thr = g.usage_ns(), g.pids(), g.throttled()
+            except OSError:
+                usage, pids, thr = 0, [], 0
+            groups[name] = {"quota_us": pl.quota_us if pl else None,
+                            "cpus": list(pl.cpus) if pl and pl.cpus else None,
+                            "usage_ns": usage, "throttled": thr, "pids": pids}
+        return {"enforced": True, "cgroup": self.ctl.version, "base": self.ctl.base,
+                "groups": groups, "error": self.error}
+
+    def close(self) -> None:
+        if self.ctl is not None:
+            self.ctl.cleanup()
