@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -84,12 +85,12 @@ def test_whole_cpu_becomes_a_cpuset(ctl: CpuController, busy: subprocess.Popen[b
     g = ctl.group("pinned")
     g.apply(plan(1, [cpu]))
     g.add(busy.pid)
-    status = open(f"/proc/{busy.pid}/status").read()
+    status = Path(f"/proc/{busy.pid}/status").read_text()
     allowed = [ln.split()[1] for ln in status.splitlines() if ln.startswith("Cpus_allowed_list")]
     assert allowed == [str(cpu)]
     g.apply(plan(0.5))  # back to a fraction: every CPU again
-    status = open(f"/proc/{busy.pid}/status").read()
-    assert f"Cpus_allowed_list:\t{str(cpu)}\n" not in status
+    status = Path(f"/proc/{busy.pid}/status").read_text()
+    assert f"Cpus_allowed_list:\t{cpu}\n" not in status
 
 
 @pytest.mark.system
