@@ -216,9 +216,9 @@ def render_status(doc: dict[str, Any]) -> None:
         state = "[green]running[/]" if c["alive"] else "[red]down[/]"
         h.add_row(name, str(c["pid"]), state, f"restarts {c['restarts']}")
     if uv:
-        h.add_row("transactions", "", "", f"committed {uv['committed']}, refused "
-                  f"{uv['refused']}, rolled back {uv['rolled_back']}, open {uv['open']}, "
-                  f"replayed at start {uv['replayed']}")
+        h.add_row("transactions", "", "", f"replayed at start {uv['replayed']}; since: "
+                  f"committed {uv['committed']}, refused {uv['refused']}, rolled back "
+                  f"{uv['rolled_back']}, open {uv['open']}")
     else:
         h.add_row("ultravisor", "", "[red]unreachable[/]", "")
     out.print(h)

@@ -1,8 +1,10 @@
 """`iopart demo`: what the foundation does, end to end, in under a minute.
 
-1. a client process and a server process exchange requests over a channel;
-2. hostile descriptors are refused and counted, the server keeps serving;
-3. the channel benchmark table against its limits.
+1. hostile descriptors are refused and counted, the server keeps serving;
+2. the system partitions as processes: `up`, partitions created by transactions on
+   the command channel, a refusal naming its field, the ultravisor SIGKILLed and
+   rebuilt from the audit log by boot, `down`;
+3. the channel benchmark (a server process and a client process) against its limits.
 Later issues grow this into the full stack demo.
 """
 
@@ -75,12 +77,62 @@ def _refusals(console: Console) -> None:
         ch.close()
 
 
+def _system(console: Console) -> None:
+    import os
+    import signal
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from iopart import stack
+    from iopart.cli import _partition_table, render_status
+    from iopart.rpc import RpcClient, RpcError
+
+    with tempfile.TemporaryDirectory(prefix="iopart-demo-") as tmp:
+        state = Path(tmp)
+        info = stack.up(state, None)
+        try:
+            console.print(f"up: boot pid {info['boot_pid']}, command pid {info['command_pid']}")
+            with RpcClient(state) as c:
+                for name, cpu, mib in (("web", 0.25, 64), ("db", 0.5, 128)):
+                    c.call("partition.create", name=name, cpu=cpu, memory_mib=mib)
+                try:
+                    c.call("partition.create", name="huge", cpu=0.1, memory_mib=100_000)
+                except RpcError as exc:
+                    console.print(f"refused as it should be: {exc.message}")
+                before = c.call("status")
+            console.print(_partition_table(list(before["database"]["partitions"].values())))
+            uv = before["boot"]["children"]["ultravisor"]["pid"]
+            os.kill(uv, signal.SIGKILL)
+            console.print(f"SIGKILL ultravisor (pid {uv}) ...")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    with RpcClient(state, timeout=5) as c:
+                        after = c.call("status")
+                    if after["ultravisor"] and after["ultravisor"]["pid"] != uv:
+                        break
+                except RpcError:
+                    pass
+                time.sleep(0.1)
+            same = after["database"] == before["database"]
+            console.print(f"restarted by boot as pid {after['ultravisor']['pid']}, "
+                          f"{after['ultravisor']['replayed']} transactions replayed, database "
+                          + ("[green]identical[/]" if same else "[red]DIFFERENT[/]"))
+            render_status(after)
+        finally:
+            stack.down(state)
+            console.print("down")
+
+
 def run(console: Console, quick: bool = True) -> int:
     from bench import channel, report
     from iopart.cli import _progress_bar, render_bench
 
     console.rule("iopart demo: memory channels")
     _refusals(console)
+    console.rule("system partitions: boot, ultravisor, command")
+    _system(console)
     console.rule("channel benchmark: server process + client process, with the limits")
     bar, update = _progress_bar()
     with bar:
