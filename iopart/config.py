@@ -7,7 +7,7 @@ starts. A missing file means the built-in defaults.
     [host]
     cpus = 2.0                    # CPU capacity partitions may be given
     memory_mib = 1024             # the partition-memory area of the pool (page map)
-    system_mib = 64               # pool area for channels and system memory
+    system_mib = 256              # pool area for channels and command memory (16 MiB each)
 
     [policy]                      # the command partition's allocation policy
     max_partition_cpu = 1.0
@@ -40,7 +40,7 @@ T = TypeVar("T")
 class HostConfig:
     cpus: float = float(os.cpu_count() or 1)
     memory_mib: int = 1024
-    system_mib: int = 64
+    system_mib: int = 256
 
 
 @dataclass(frozen=True)

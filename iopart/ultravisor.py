@@ -170,9 +170,23 @@ class Ultravisor:
             return None
         name = hello if NAME_RE.match(hello) else "unnamed"
         origin = f"{name}/{pid}"  # unique per process: a successor never inherits rollbacks
-        pidfd = os.pidfd_open(pid)
-        ch = Channel(self.pool, ChannelGeometry(nslots=COMMAND_SLOTS, slot_size=128))
-        mem = self.pool.allocate(COMMAND_MEMORY)
+        try:
+            ch = Channel(self.pool, ChannelGeometry(nslots=COMMAND_SLOTS, slot_size=128))
+        except IopartError as exc:
+            conn.sendall(json.dumps({"error": f"no room for a command channel: {exc}"}).encode())
+            return None
+        try:
+            mem = self.pool.allocate(COMMAND_MEMORY)
+        except IopartError as exc:
+            ch.close()
+            conn.sendall(json.dumps({"error": f"no room for command memory: {exc}"}).encode())
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            ch.close()
+            self.pool.release(mem)
+            raise
         regions = RegionTable(self.pool.size)
         regions.set([Region(0, mem.length, mem.offset, READ_WRITE)])
         end = ch.end(Role.SERVER)

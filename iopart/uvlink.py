@@ -18,7 +18,7 @@ from typing import Any
 
 from iopart.channels.handoff import AcceptedChannel, accept_channel
 from iopart.command_channel import CommandClient
-from iopart.errors import ChannelError, IopartError
+from iopart.errors import ChannelError, HandoffError, IopartError
 
 COMMAND_SLOTS = 64
 
@@ -69,6 +69,9 @@ class UltravisorLink:
                 accepted = accept_channel(sock)
                 sock.settimeout(None)
                 return cls(sock, accepted)
+            except HandoffError:
+                sock.close()
+                raise  # the ultravisor answered, and said no
             except (OSError, IopartError) as exc:
                 sock.close()
                 if time.monotonic() >= deadline:

@@ -304,3 +304,20 @@ def test_a_partition_given_a_quarter_cpu_gets_a_quarter(stack: Stack) -> None:
         child.wait()
     stack.call("partition.destroy", name="spin")
     assert "spin" not in stack.status()["ultravisor"]["cpu"]["groups"]
+
+
+def test_a_session_beyond_the_system_area_is_refused_clearly(tmp_path: Path) -> None:
+    from iopart.errors import HandoffError
+    from iopart.uvlink import UltravisorLink
+
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("[host]\nsystem_mib = 40\nmemory_mib = 64\n")  # room for 2 sessions
+    s = Stack(tmp_path / "state", cfg)
+    s.up()
+    try:
+        s.wait_healthy()
+        with pytest.raises(HandoffError, match="no room for command memory"):
+            UltravisorLink.connect(s.dir, "extra", timeout=0.5)
+        s.call("partition.create", name="still", cpu=0.1, memory_mib=1)  # nothing broke
+    finally:
+        s.down()

@@ -64,7 +64,11 @@ def accept_channel(sock: socket.socket) -> AcceptedChannel:
     if len(fds) != 3:
         for fd in fds:
             os.close(fd)
-        raise HandoffError(f"channel offer carried {len(fds)} fds, expected 3")
+        try:
+            why = json.loads(body)["error"] if body else "the peer closed the connection"
+        except (ValueError, KeyError, TypeError):
+            why = f"channel offer carried {len(fds)} fds, expected 3"
+        raise HandoffError(f"no channel: {why}")
     pool_fd, req, rsp = fds
     try:
         offer = ChannelOffer(**json.loads(body))
