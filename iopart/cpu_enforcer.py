@@ -4,6 +4,10 @@ After every durable batch the ultravisor calls `sync`: each partition's group ge
 the plan for its CPU share (fractions: a quota; whole CPUs: a cpuset of that many
 CPUs, handed out in partition-index order), groups of destroyed partitions are
 removed, and processes that connected as a partition are moved into its group.
+
+System partitions (boot, ultravisor, command) are not throttled: their recorded
+share is a reservation counted against the host's capacity, but a quota on the
+ultravisor would stall every partition's transactions behind it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class CpuEnforcer:
         nxt = 0
         out: dict[str, CpuPlan] = {}
         for p in sorted(partitions.values(), key=lambda p: p.index):
+            if p.kind == "system":
+                continue
             if p.cpu >= 1 and float(p.cpu).is_integer() and int(p.cpu) <= len(host):
                 n = int(p.cpu)
                 cpus = [host[(nxt + i) % len(host)] for i in range(n)]
@@ -52,13 +58,14 @@ class CpuEnforcer:
         if self.ctl is None:
             return
         try:
-            for name, pl in self.plans(partitions).items():
+            plans = self.plans(partitions)
+            for name, pl in plans.items():
                 if self.applied.get(name) != pl:
                     g = self.groups.get(name) or self.ctl.group(name)
                     self.groups[name] = g
                     g.apply(pl)
                     self.applied[name] = pl
-            for name in [n for n in self.groups if n not in partitions]:
+            for name in [n for n in self.groups if n not in plans]:
                 self.groups.pop(name).destroy()
                 self.applied.pop(name, None)
             for name, pids in self.members.items():

@@ -67,6 +67,8 @@ def test_up_status_down(tmp_path: Path) -> None:
         kids = st["boot"]["children"]
         assert kids["ultravisor"]["alive"] and kids["command"]["alive"]
         assert st["ultravisor"]["pid"] == kids["ultravisor"]["pid"]
+        cpu = st["ultravisor"]["cpu"]
+        assert cpu["enforced"] and not set(cpu["groups"]) & set(parts)  # system: unthrottled
         table = cli("status", *s.sd())
         assert table.returncode == 0 and "partitions" in table.stdout and "health" in table.stdout
     finally:

@@ -221,8 +221,15 @@ def run_random(seed: int, n_tx: int, path: Path) -> tuple[TransactionManager, Mo
     return tm, model
 
 
-def test_ten_thousand_random_transactions_match_the_model(tmp_path: Path) -> None:
-    tm, model = run_random(seed=7, n_tx=10_000, path=tmp_path / "audit.db")
+@settings(
+    max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_ten_thousand_random_transactions_match_the_model(
+    seed: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("tx10k")
+    tm, model = run_random(seed=seed, n_tx=10_000, path=tmp_path / "audit.db")
     assert tm.committed > 500 and tm.refused > 1000  # the mix exercised both outcomes
     assert not tm.pending and tm.holder is None
     # replaying the durable log rebuilds the very same database
