@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=cmd_version)
 
-    d = sub.add_parser("demo", help="two processes over a channel, refusals, benchmark table")
+    d = sub.add_parser(
+        "demo", help="channel refusals, system partitions with SIGKILL recovery, benchmark"
+    )
     d.add_argument("--full", action="store_true", help="run the full benchmark instead of --quick")
     d.set_defaults(func=cmd_demo)
 
