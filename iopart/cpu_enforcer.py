@@ -12,6 +12,7 @@ ultravisor would stall every partition's transactions behind it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -23,9 +24,20 @@ from iopart.resources import PartitionRecord
 log = logging.getLogger("iopart.cpu")
 
 
+def cgroup_base(state_dir: Path) -> str:
+    """The cgroup directory name of the stack whose state lives in `state_dir`."""
+    return "iopart-" + hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def remove_groups(state_dir: Path) -> None:
+    """Remove what a killed ultravisor left behind (it cleans up itself when stopped)."""
+    with contextlib.suppress(CpuError):
+        CpuController.detect(cgroup_base(state_dir)).cleanup()
+
+
 class CpuEnforcer:
     def __init__(self, state_dir: Path) -> None:
-        base = "iopart-" + hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+        base = cgroup_base(state_dir)
         self.ctl: CpuController | None = None
         self.error = ""
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from iopart.config import load as load_config
+from iopart.cpu_enforcer import remove_groups
 from iopart.errors import IopartError
 from iopart.rpc import RpcClient, RpcError
 
@@ -105,6 +106,7 @@ def down(state_dir: Path, grace: float = 30.0) -> dict[str, Any]:
         if not select.select([pidfd], [], [], grace)[0]:
             os.killpg(pid, signal.SIGKILL)  # boot is its session leader: everything goes
             select.select([pidfd], [], [], 5.0)
+            remove_groups(state_dir)
             killed = True
     finally:
         os.close(pidfd)

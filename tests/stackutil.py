@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from iopart.cpu_enforcer import cgroup_base, remove_groups
 from iopart.rpc import RpcClient, RpcError
 
 IOPART = [sys.executable, "-m", "iopart.cli"]
@@ -85,6 +86,11 @@ class Stack:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.05)
+        remove_groups(self.dir)
+        base = cgroup_base(self.dir)
+        left = [p for p in Path("/sys/fs/cgroup").glob(f"*/{base}") if p.is_dir()]
+        assert not left, f"cgroups left behind: {left}"
 
 
 def leftover_processes(state_dir: Path) -> list[int]:
