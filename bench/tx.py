@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,15 +98,18 @@ def run(
             for r in range(rounds):
                 for key, n, depth in (("qd1", n_qd1, 1), ("pipe", n_pipe, DEPTH)):
                     ours.send(json.dumps({"op": "run", "n": n, "depth": depth}).encode())
-                    reply = json.loads(ours.recv(16 << 20))
+                    reply = json.loads(ours.recv(1 << 16))
                     if not reply["ok"]:
                         raise RuntimeError(f"{reply['errors']} transactions failed")
-                    samples[key] += reply["lat_ns"]
+                    lat = array("q")
+                    while len(lat) < reply["count"]:
+                        lat.frombytes(ours.recv(1 << 17))
+                    samples[key] += lat.tolist()
                     if key == "pipe":
                         pipe_rates.append(n / (reply["elapsed_ns"] / 1e9))
-                lat = sqlite_limit(Path(tmp) / f"limit{r}.db", n_qd1)
-                samples["sqlite"] += lat
-                sqlite_rates.append(len(lat) / (sum(lat) / 1e9))
+                limit = sqlite_limit(Path(tmp) / f"limit{r}.db", n_qd1)
+                samples["sqlite"] += limit
+                sqlite_rates.append(len(limit) / (sum(limit) / 1e9))
                 if progress:
                     progress(f"round {r + 1}/{rounds}", (r + 1) / rounds)
             ours.send(json.dumps({"op": "exit"}).encode())
