@@ -12,7 +12,7 @@ from typing import Any
 
 from iopart.errors import IopartError, NativeError, StaleBuildError
 
-NATIVE_ABI = 1
+NATIVE_ABI = 2
 _REBUILD = "rebuild it with `make setup` (or `.venv/bin/pip install -e .`)"
 
 try:

@@ -15,8 +15,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-PUBLIC_HEADERS = ("iop_channel.h", "iop_xlate.h", "iop_worker.h", "iop_dtab.h")
-SOURCES = ("channel.c", "xlate.c", "worker.c", "dtab.c")
+PUBLIC_HEADERS = ("iop_channel.h", "iop_xlate.h", "iop_worker.h", "iop_dtab.h", "iop_blk.h", "iop_guestmem.h")
+SOURCES = ("channel.c", "xlate.c", "worker.c", "dtab.c", "blk.c", "guestmem.c")
 _DEFINE = re.compile(r"^#define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)\s*$")
 
 
@@ -47,7 +47,7 @@ ffibuilder.set_source(
     include_dirs=[str(Path("native") / "include")],
     define_macros=[("IOP_BUILD_STAMP", f'"{source_stamp()}"'), ("_GNU_SOURCE", "1")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-    libraries=["pthread"],
+    libraries=["pthread", "uring"],
 )
 
 if __name__ == "__main__":

@@ -271,6 +271,15 @@ static int rx_refresh(struct iop_chan *ch)
     return prod != ch->rx_cons;
 }
 
+int iop_chan_arm(struct iop_chan *ch)
+{
+    if (ch->broken)
+        return -EPROTO;
+    __atomic_store_n(&ch->rx->event, ch->rx_cons, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return rx_refresh(ch);
+}
+
 int iop_chan_rx_pending(struct iop_chan *ch)
 {
     if (ch->broken)
@@ -410,3 +419,5 @@ int iop_chan_broken(const struct iop_chan *ch) { return ch->broken; }
 uint32_t iop_chan_max_frags(const struct iop_chan *ch) { return ch->max_frags; }
 
 void iop_chan_sync_counters(struct iop_chan *ch) { publish_counters(ch); }
+
+int iop_chan_wait_fd(const struct iop_chan *ch) { return ch->wait_fd; }

@@ -26,6 +26,10 @@ struct iop_chan {
 };
 
 void iop_chan_sync_counters(struct iop_chan *ch);
+/* Ask the producer for a doorbell at our next index, then look once more:
+ * 1 when work is already there (do not sleep), 0 when armed, -EPROTO. */
+int iop_chan_arm(struct iop_chan *ch);
+int iop_chan_wait_fd(const struct iop_chan *ch);
 
 static inline void iop_cpu_relax(void)
 {

@@ -10,7 +10,7 @@
 #define IOP_WORKER_H
 #include <stdint.h>
 
-#define IOP_ABI_VERSION 1
+#define IOP_ABI_VERSION 2
 
 /* handlers */
 #define IOP_HANDLER_NULL 0

@@ -1,0 +1,276 @@
+"""The guest-side API: a partition's own memory and its disk endpoints.
+
+Guest code running under a monitor stub calls `open_disk()` to get the disk
+endpoint the monitor attached, and reads, writes and flushes from its own memory
+(PRPA buffers), synchronously or in batches for queue depth. `run_job` drives a
+whole load in native code (benchmarks, verifying load).
+
+    from iopart import client
+    disk = client.open_disk()
+    disk.write(0, b"x" * 4096)
+    assert disk.read(0, 4096) == b"x" * 4096
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from iopart._native import check, ffi, lib
+from iopart.channels.channel import ChannelEnd, Descriptor, Fragment, Role
+from iopart.channels.xlate import Region
+from iopart.errors import ChannelError, IopartError
+
+OP_READ = int(lib.IOP_OP_READ)
+OP_WRITE = int(lib.IOP_OP_WRITE)
+OP_FLUSH = int(lib.IOP_OP_FLUSH)
+ACCESS_READ = int(lib.IOP_ACCESS_READ)
+ACCESS_WRITE = int(lib.IOP_ACCESS_WRITE)
+PAGE = 4096
+
+
+class IoError(IopartError):
+    """The I/O partition completed a request with an error status."""
+
+    kind = "io"
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A range of the partition's own memory: PRPA address and this process's view."""
+
+    prpa: int
+    len: int
+    view: memoryview
+
+
+class GuestMemory:
+    """The partition's extents mapped at base + PRPA; a bump allocator for buffers."""
+
+    def __init__(self, base: Any, span: int, regions: Sequence[Region]) -> None:
+        self.base = base
+        self.span = span
+        self.regions = tuple(regions)
+        self.view = memoryview(ffi.buffer(base, span))  # type: ignore[arg-type]
+        self._next = 0
+
+    @classmethod
+    def map(cls, pool_fd: int, regions: Sequence[Region]) -> GuestMemory:
+        arr = ffi.new("struct iop_region[]", max(len(regions), 1))
+        for i, r in enumerate(regions):
+            arr[i].prpa, arr[i].len, arr[i].pool_off, arr[i].access = (
+                r.prpa, r.len, r.pool_off, r.access)
+        span = ffi.new("uint64_t *")
+        base = lib.iop_guest_map(pool_fd, arr, len(regions), span)
+        if base == ffi.NULL:
+            err = ffi.errno
+            raise IopartError(f"cannot map partition memory: {os.strerror(err)}", errno=err)
+        return cls(base, int(span[0]), regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.len for r in self.regions)
+
+    def alloc(self, nbytes: int, align: int = PAGE) -> Buffer:
+        """A buffer inside the partition's memory (never freed; reset() starts over)."""
+        start = -(-self._next // align) * align
+        for r in self.regions:
+            lo = max(start, r.prpa)
+            lo = -(-lo // align) * align
+            if lo + nbytes <= r.prpa + r.len:
+                self._next = lo + nbytes
+                return Buffer(lo, nbytes, self.view[lo : lo + nbytes])
+        raise IopartError(
+            f"partition memory exhausted: {nbytes} bytes wanted, {self.size} in all",
+            errno=errno.ENOMEM)
+
+    def reset(self) -> None:
+        self._next = 0
+
+    def close(self) -> None:
+        if self.base is not None:
+            self.view.release()
+            lib.iop_guest_unmap(self.base, self.span)
+            self.base = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One block request of a batch: op, byte offset in the endpoint, buffer."""
+
+    op: int
+    offset: int
+    buf: Buffer | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    ops: int
+    reads: int
+    writes: int
+    errors: int
+    verify_failures: int
+    verified_bytes: int
+    elapsed_ns: int
+    first_error: int
+    latencies_ns: list[int] = field(repr=False, default_factory=list)
+
+
+class DiskEndpoint:
+    """A disk endpoint seen by its guest: the client end of a block channel."""
+
+    def __init__(self, end: ChannelEnd, memory: GuestMemory, size: int, name: str = "disk",
+                 read_only: bool = False) -> None:
+        if end.role is not Role.CLIENT:
+            raise ChannelError("a disk endpoint needs the client end of a channel")
+        self.end = end
+        self.memory = memory
+        self.size = size
+        self.name = name
+        self.read_only = read_only
+        self._next_id = 1
+        self._bounce: Buffer | None = None
+
+    # -- batches (queue depth)
+    def submit(self, reqs: Sequence[Request], timeout_ms: int = 10_000) -> list[int]:
+        """Push a batch, publish once, wait for every completion; statuses in order."""
+        ids: dict[int, int] = {}
+        pending = list(enumerate(reqs))
+        status = [0] * len(reqs)
+        while pending or ids:
+            pushed = False
+            while pending:
+                i, r = pending[0]
+                rid = self._next_id
+                frags: tuple[Fragment, ...] = ()
+                length = 0
+                if r.buf is not None:
+                    acc = ACCESS_WRITE if r.op == OP_READ else ACCESS_READ
+                    frags = (Fragment(r.buf.prpa, r.buf.len, acc),)
+                    length = r.buf.len
+                if not self.end.push(Descriptor(rid, r.op, len=length, offset=r.offset,
+                                                frags=frags)):
+                    break
+                self._next_id += 1
+                ids[rid] = i
+                pending.pop(0)
+                pushed = True
+            if pushed:
+                self.end.publish()
+            got = self.end.pop()
+            if got is None:
+                if not self.end.wait(timeout_ms):
+                    raise IoError(f"{self.name}: no completion in {timeout_ms} ms",
+                                  errno=errno.ETIMEDOUT)
+                continue
+            i = ids.pop(got.id, -1)
+            if i < 0:
+                raise ChannelError(f"{self.name}: completion for unknown request {got.id}",
+                                   errno=errno.EPROTO)
+            status[i] = got.status
+        return status
+
+    def _one(self, op: int, offset: int, buf: Buffer | None) -> None:
+        (st,) = self.submit([Request(op, offset, buf)])
+        if st < 0:
+            raise IoError(f"{self.name}: {_OPS[op]} at {offset}: {os.strerror(-st)}",
+                          errno=-st)
+
+    # -- synchronous calls
+    def read_into(self, offset: int, buf: Buffer) -> None:
+        self._one(OP_READ, offset, buf)
+
+    def write_from(self, offset: int, buf: Buffer) -> None:
+        self._one(OP_WRITE, offset, buf)
+
+    def flush(self) -> None:
+        self._one(OP_FLUSH, 0, None)
+
+    def _bounce_buf(self, n: int) -> Buffer:
+        if self._bounce is None or self._bounce.len < n:
+            self._bounce = self.memory.alloc(max(n, 1 << 20))
+        return Buffer(self._bounce.prpa, n, self._bounce.view[:n])
+
+    def read(self, offset: int, length: int) -> bytes:
+        b = self._bounce_buf(length)
+        self.read_into(offset, b)
+        return bytes(b.view)
+
+    def write(self, offset: int, data: bytes) -> None:
+        b = self._bounce_buf(len(data))
+        b.view[:] = data
+        self.write_from(offset, b)
+
+    # -- native load
+    def run_job(self, *, n_ops: int, block_size: int = 4096, queue_depth: int = 1,
+                write_pct: int = 0, verify: bool = False, sequential: bool = False,
+                span: int | None = None, seed: int = 1, versions: Any = None,
+                latencies: bool = True, timeout_ms: int = 10_000,
+                spin_ns: int | None = None) -> JobResult:
+        """A whole load in native code: random (or sequential) block I/O at queue depth.
+
+        spin_ns: how long to spin on the response ring before sleeping on the doorbell
+        (None keeps the endpoint's setting)."""
+        if spin_ns is not None:
+            self.end.set_spin(spin_ns)
+        buf = self.memory.alloc(queue_depth * block_size)
+        job = ffi.new("struct iop_blk_job *")
+        job.buf_prpa, job.buf = buf.prpa, self.memory.base + buf.prpa
+        job.buf_len, job.span = buf.len, span or self.size
+        job.n_ops, job.seed, job.block_size = n_ops, seed, block_size
+        job.queue_depth, job.write_pct, job.verify = queue_depth, write_pct, int(verify)
+        job.timeout_ms, job.sequential = timeout_ms, int(sequential)
+        job.versions = versions if versions is not None else ffi.NULL
+        lat = ffi.new("uint64_t[]", n_ops) if latencies else ffi.NULL
+        res = ffi.new("struct iop_blk_job_result *")
+        check(int(lib.iop_blk_client_run(self.end.handle, job, lat, res)), "block job")
+        return JobResult(
+            int(res.ops), int(res.reads), int(res.writes), int(res.errors),
+            int(res.verify_failures), int(res.verified_bytes), int(res.elapsed_ns),
+            int(res.first_error), list(lat)[: int(res.ops)] if latencies else [])
+
+    def new_versions(self, block_size: int = 4096) -> Any:
+        """Verify state that lasts across jobs (one entry per block of the endpoint)."""
+        return ffi.new("uint32_t[]", max(self.size // block_size, 1))
+
+
+_OPS = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush"}
+
+# -- what the monitor stub attached for the guest code in this process
+_memory: GuestMemory | None = None
+_disks: dict[str, DiskEndpoint] = {}
+
+
+def attach(memory: GuestMemory, disks: dict[str, DiskEndpoint]) -> None:
+    """Called by the monitor stub before guest code runs."""
+    global _memory
+    _memory = memory
+    _disks.clear()
+    _disks.update(disks)
+
+
+def memory() -> GuestMemory:
+    if _memory is None:
+        raise IopartError("not running under an iopart monitor (no partition memory)",
+                          errno=errno.ENODEV)
+    return _memory
+
+
+def open_disk(name: str | None = None) -> DiskEndpoint:
+    """The disk endpoint `name` (default: the only or first one) of this guest."""
+    if not _disks:
+        raise IopartError("this guest has no disk endpoint (is it running under "
+                          "`iopart guest run`?)", errno=errno.ENODEV)
+    if name is None:
+        return _disks[sorted(_disks)[0]]
+    if name not in _disks:
+        raise IopartError(f"no disk endpoint {name!r}; this guest has {', '.join(_disks)}",
+                          errno=errno.ENOENT)
+    return _disks[name]
+
+
+def disks() -> list[str]:
+    return sorted(_disks)
