@@ -36,7 +36,8 @@ from iopart.uvlink import UltravisorError, UltravisorLink
 
 log = logging.getLogger("iopart.boot")
 SYSTEM_CPU = 0.01  # CPU share recorded for each system partition
-START_ORDER = ("ultravisor", "command")
+START_ORDER = ("ultravisor", "command", "iop-a")
+IO_PARTITIONS = ("iop-a",)
 STOP_GRACE_S = 10.0
 QUICK_EXIT_S = 1.0  # a child that dies sooner than this after its start is crash-looping
 
@@ -71,6 +72,9 @@ class Boot:
             "command": Child("command", [*base, "iopart.command", "--state-dir",
                                          str(self.state_dir), *extra]),
         }
+        for name in IO_PARTITIONS:
+            self.children[name] = Child(name, [*base, "iopart.iopartition", "--state-dir",
+                                               str(self.state_dir), "--name", name, *extra])
         self.sel = selectors.DefaultSelector()
         self.running = True
         self.link: UltravisorLink | None = None
@@ -140,7 +144,8 @@ class Boot:
             steps: list[dict[str, Any]] = []
             for name in ("boot", *START_ORDER):
                 if name not in parts:
-                    steps.append({"op": "create_partition", "name": name, "kind": "system",
+                    kind = "io" if name in IO_PARTITIONS else "system"
+                    steps.append({"op": "create_partition", "name": name, "kind": kind,
                                   "cpu": SYSTEM_CPU})
                 want = "running" if name == "boot" else self.wanted.get(name)
                 if want and parts.get(name, {}).get("state") != want:

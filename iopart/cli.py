@@ -222,6 +222,16 @@ def render_status(doc: dict[str, Any]) -> None:
     else:
         h.add_row("ultravisor", "", "[red]unreachable[/]", "")
     out.print(h)
+    from iopart.cli_io import _endpoint_table
+
+    for name, rep in sorted(doc.get("io", {}).items()):
+        if not rep:
+            continue
+        eps = rep.get("endpoints", [])
+        out.print(f"{name}: engine {rep['engine']}, {len(eps)} endpoint(s), "
+                  f"{rep['refused_attaches']} attach(es) refused, metrics {rep['metrics_url']}")
+        if eps:
+            out.print(_endpoint_table(eps))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -378,11 +388,25 @@ def build_parser() -> argparse.ArgumentParser:
     ash = asub.add_parser("show", parents=[st], help="one record")
     ash.add_argument("seq", type=int)
     au.set_defaults(func=cmd_audit)
+
+    from iopart.cli_io import add_parsers
+
+    add_parsers(sub, common, st)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # everything after `--` is a guest's program; argparse's subparsers mishandle it
+    rest: list[str] | None = None
+    if "--" in words:
+        i = words.index("--")
+        words, rest = words[:i], words[i + 1 :]
+    args = build_parser().parse_args(words)
+    if rest is not None:
+        if not hasattr(args, "program"):
+            build_parser().error("`--` is only for `iopart guest run NAME -- PROGRAM`")
+        args.program = [*args.program, *rest]
     try:
         rc: int = args.func(args)
         return rc

@@ -54,7 +54,7 @@ class GuestMemory:
         self.base = base
         self.span = span
         self.regions = tuple(regions)
-        self.view = memoryview(ffi.buffer(base, span))  # type: ignore[arg-type]
+        self.view = memoryview(ffi.buffer(base, span))
         self._next = 0
 
     @classmethod
@@ -195,14 +195,20 @@ class DiskEndpoint:
         return Buffer(self._bounce.prpa, n, self._bounce.view[:n])
 
     def read(self, offset: int, length: int) -> bytes:
-        b = self._bounce_buf(length)
-        self.read_into(offset, b)
-        return bytes(b.view)
+        """Any byte range: whole sectors are read and the range cut out of them."""
+        lo, hi = _sectors(offset, length)
+        b = self._bounce_buf(hi - lo)
+        self.read_into(lo, b)
+        return bytes(b.view[offset - lo : offset - lo + length])
 
     def write(self, offset: int, data: bytes) -> None:
-        b = self._bounce_buf(len(data))
-        b.view[:] = data
-        self.write_from(offset, b)
+        """Any byte range: partial sectors at the edges are read, patched and written."""
+        lo, hi = _sectors(offset, len(data))
+        b = self._bounce_buf(hi - lo)
+        if (lo, hi) != (offset, offset + len(data)):
+            self.read_into(lo, b)
+        b.view[offset - lo : offset - lo + len(data)] = data
+        self.write_from(lo, b)
 
     # -- native load
     def run_job(self, *, n_ops: int, block_size: int = 4096, queue_depth: int = 1,
@@ -238,6 +244,13 @@ class DiskEndpoint:
 
 
 _OPS = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush"}
+SECTOR = 512
+
+
+def _sectors(offset: int, length: int) -> tuple[int, int]:
+    if offset < 0 or length <= 0:
+        raise IoError(f"bad range: offset {offset}, length {length}", errno=errno.EINVAL)
+    return offset - offset % SECTOR, -(-(offset + length) // SECTOR) * SECTOR
 
 # -- what the monitor stub attached for the guest code in this process
 _memory: GuestMemory | None = None

@@ -35,6 +35,7 @@ from iopart import rpc
 from iopart.config import Config, to_dict
 from iopart.config import load as load_config
 from iopart.descriptors import DescriptorReader
+from iopart.drivers.disk import Disk, create_image
 from iopart.errors import IopartError
 from iopart.resources import MAX_PARTITIONS
 from iopart.rpc import POLICY, REFUSED, UNAVAILABLE, RpcError
@@ -103,6 +104,11 @@ class CommandPartition:
             "partition.destroy": self.destroy,
             "partition.set_cpu": self.set_cpu,
             "partition.set_memory": self.set_memory,
+            "disk.add": self.disk_add,
+            "disk.list": self.disk_list,
+            "disk.remove": self.disk_remove,
+            "disk.assign": self.disk_assign,
+            "disk.unassign": self.disk_unassign,
             "audit.list": self.audit_list,
             "audit.show": self.audit_show,
         }
@@ -164,7 +170,7 @@ class CommandPartition:
         """Bring definitions and database together after a (re)connect."""
         parts = self.copy["partitions"]
         for name, p in parts.items():
-            if p["kind"] != "system" and name not in self.defs.defs:
+            if p["kind"] == "guest" and name not in self.defs.defs:
                 self.defs.put(name, {"kind": p["kind"], "cpu": p["cpu"], "memory": p["memory"]})
         for name, d in list(self.defs.defs.items()):
             if name not in parts:
@@ -229,13 +235,16 @@ class CommandPartition:
     def destroy(self, a: dict[str, Any]) -> dict[str, Any]:
         self.uv()
         p = self._partition(a["name"])
-        if p["kind"] == "system":
+        if p["kind"] in ("system", "io"):
             raise RpcError(POLICY, f"{a['name']!r} is a system partition",
                            {"field": "name", "errno": errno.EPERM})
         saved = self.defs.defs.get(a["name"])
         self.defs.drop(a["name"])  # first: a crash after the commit must not resurrect it
+        steps = [{"op": "unassign", "device": d, "partition": a["name"]}
+                 for d, rec in sorted(self.copy.get("devices", {}).items())
+                 if a["name"] in rec["assigned"]]
         try:
-            reply = self.transact([{"op": "destroy_partition", "name": a["name"]}])
+            reply = self.transact([*steps, {"op": "destroy_partition", "name": a["name"]}])
         except RpcError:
             if saved is not None:
                 self.defs.put(a["name"], saved)
@@ -261,7 +270,7 @@ class CommandPartition:
 
     def _remember(self, name: str) -> None:
         p = self.copy["partitions"].get(name)
-        if p is not None and p["kind"] != "system":
+        if p is not None and p["kind"] == "guest":
             self.defs.put(name, {"kind": p["kind"], "cpu": p["cpu"], "memory": p["memory"]})
 
     def list(self, _: dict[str, Any]) -> dict[str, Any]:
@@ -291,10 +300,88 @@ class CommandPartition:
         boot: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             boot = json.loads((self.state_dir / "boot.json").read_text())
-        return {"database": self.copy, "ultravisor": stats, "boot": boot,
+        io = {n: self._io_report(n) for n, p in self.copy.get("partitions", {}).items()
+              if p["kind"] == "io"}
+        return {"database": self.copy, "ultravisor": stats, "boot": boot, "io": io,
                 "command": {"pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
                             "definitions": len(self.defs.defs)},
                 "config": to_dict(self.config)}
+
+    # -- disks: the I/O partitions serve them, assignments say who sees which range
+    def _io_report(self, server: str) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            doc: dict[str, Any] = json.loads((self.state_dir / f"{server}.json").read_text())
+            return doc
+        return {}
+
+    def disk_add(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.uv()
+        server = a.get("server", "iop-a")
+        srv = self.copy["partitions"].get(server)
+        if srv is None or srv["kind"] != "io":
+            raise RpcError(POLICY, f"{server!r} is not an I/O partition",
+                           {"field": "server", "errno": errno.ENOENT})
+        path = Path(a["path"]).resolve()
+        if a.get("create_mib") and not path.exists():
+            create_image(path, a["create_mib"] * MIB)
+        try:
+            with Disk(path) as disk:
+                size = disk.size
+        except IopartError as exc:
+            raise RpcError(POLICY, exc.message, {"field": "path", "errno": exc.errno}) from None
+        reply = self.transact([{"op": "add_device", "name": a["name"], "kind": "disk",
+                                "path": str(path), "server": server, "size": size}])
+        return {"tx": reply["tx"], "disk": self.copy["devices"][a["name"]]}
+
+    def disk_list(self, _: dict[str, Any]) -> dict[str, Any]:
+        self.refresh_if_up()
+        disks = [d for d in self.copy.get("devices", {}).values() if d["kind"] == "disk"]
+        servers = {d["server"] for d in disks}
+        endpoints = [e for s in sorted(servers) for e in self._io_report(s).get("endpoints", [])]
+        return {"disks": disks, "endpoints": endpoints}
+
+    def disk_remove(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.uv()
+        reply = self.transact([{"op": "remove_device", "name": a["name"]}])
+        return {"tx": reply["tx"], "removed": a["name"]}
+
+    def _free_range(self, dev: dict[str, Any], length: int) -> int:
+        """Lowest offset where `length` bytes overlap nobody's writable range."""
+        taken = sorted(
+            (o, o + (n or dev["size"])) for p, (o, n) in dev["extents"].items()
+            if dev["assigned"].get(p) != "ro")
+        pos = 0
+        for lo, hi in taken:
+            if pos + length <= lo:
+                break
+            pos = max(pos, hi)
+        if pos + length > dev["size"]:
+            raise RpcError(POLICY, f"no free {length >> 20} MiB range left on {dev['name']} "
+                           f"({dev['size'] >> 20} MiB)", {"field": "size_mib",
+                                                          "errno": errno.ENOSPC})
+        return pos
+
+    def disk_assign(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.uv()
+        dev = self.copy.get("devices", {}).get(a["device"])
+        if dev is None:
+            raise RpcError(REFUSED, f"no device named {a['device']!r}",
+                           {"field": "device", "errno": errno.ENOENT})
+        mode = a.get("mode", "rw")
+        offset, length = a.get("offset", 0), a.get("length", 0)
+        if "size_mib" in a:
+            length = a["size_mib"] * MIB
+            offset = self._free_range(dev, length) if mode == "rw" else offset
+        reply = self.transact([{"op": "assign", "device": a["device"],
+                                "partition": a["partition"], "mode": mode,
+                                "offset": offset, "length": length}])
+        return {"tx": reply["tx"], "disk": self.copy["devices"][a["device"]]}
+
+    def disk_unassign(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.uv()
+        reply = self.transact([{"op": "unassign", "device": a["device"],
+                                "partition": a["partition"]}])
+        return {"tx": reply["tx"], "disk": self.copy["devices"][a["device"]]}
 
     def audit_list(self, a: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -15,6 +15,12 @@ starts. A missing file means the built-in defaults.
     default_cpu = 0.1
     default_memory_mib = 16
 
+    [io]                          # the I/O partitions
+    engine = "io_uring"           # or "psync" (pread/pwrite reference engine)
+    disk_mib = 256                # default disk image when none is configured
+    metrics_port = 0              # Prometheus on 127.0.0.1 (0: any free port)
+    spin_us = 200                 # ring polling before the server sleeps
+
     [[partition]]                 # guest definitions the command partition keeps
     name = "web"
     cpu = 0.25
@@ -52,6 +58,14 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class IoConfig:
+    engine: str = "io_uring"  # or "psync", the pread/pwrite reference engine
+    disk_mib: int = 256  # the default disk image made when no disk is configured
+    metrics_port: int = 0  # Prometheus endpoint on 127.0.0.1; 0 picks a free port
+    spin_us: int = 200  # how long the server polls its rings before it sleeps
+
+
+@dataclass(frozen=True)
 class PartitionDef:
     name: str
     cpu: float = 0.1
@@ -64,6 +78,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     partitions: tuple[PartitionDef, ...] = ()
     source: str = "built-in defaults"
+    io: IoConfig = field(default_factory=IoConfig)
 
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -75,6 +90,9 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "default_cpu": (0.01, 4096),
     "default_memory_mib": (0, 16 << 20),
     "cpu": (0.01, 4096),
+    "disk_mib": (1, 16 << 20),
+    "metrics_port": (0, 65535),
+    "spin_us": (0, 1_000_000),
 }
 
 
@@ -121,13 +139,17 @@ def _section(cls: type[T], raw: Any, where: str) -> T:
 
 
 def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
-    unknown = set(raw) - {"host", "policy", "partition"}
+    unknown = set(raw) - {"host", "policy", "partition", "io"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(
-            f"{key}: unknown section (known: host, policy, partition)", errno=errno.EINVAL
+            f"{key}: unknown section (known: host, policy, io, partition)", errno=errno.EINVAL
         )
     host = _section(HostConfig, raw.get("host", {}), "host")
+    io = _section(IoConfig, raw.get("io", {}), "io")
+    if io.engine not in ("io_uring", "psync"):
+        raise ConfigError(f"io.engine must be io_uring or psync, got {io.engine!r}",
+                          errno=errno.EINVAL)
     policy = _section(PolicyConfig, raw.get("policy", {}), "policy")
     defs_raw = raw.get("partition", [])
     if not isinstance(defs_raw, list):
@@ -155,7 +177,7 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
     if policy.default_cpu > policy.max_partition_cpu:
         raise ConfigError("policy.default_cpu exceeds policy.max_partition_cpu",
                           errno=errno.ERANGE)
-    return Config(host, policy, defs, source)
+    return Config(host, policy, defs, source, io)
 
 
 def load(path: Path | None) -> Config:
@@ -180,5 +202,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return {
         "host": {f.name: getattr(cfg.host, f.name) for f in fields(cfg.host)},
         "policy": {f.name: getattr(cfg.policy, f.name) for f in fields(cfg.policy)},
+        "io": {f.name: getattr(cfg.io, f.name) for f in fields(cfg.io)},
         "partition": [{f.name: getattr(d, f.name) for f in fields(d)} for d in cfg.partitions],
     }

@@ -175,6 +175,12 @@ class DescriptorReader:
                                     access, sg, 16, gen)), "translate")
         return [(int(sg[i].pool_off), int(sg[i].len)) for i in range(n)], int(gen[0])
 
+    def xlate_table(self, index: int) -> Any:
+        """The live `struct iop_xlate_table *` of slot `index` (read-only memory)."""
+        if not 0 <= index < self.nslots:
+            raise DescriptorError(f"no descriptor slot {index}", errno=errno.ERANGE)
+        return ffi.addressof(self._slots[index], "mem")
+
     def valid(self, index: int, generation: int) -> bool:
         """Is a translation made under `generation` still good?"""
         return bool(lib.iop_xlate_valid(ffi.addressof(self._slots[index], "mem"), generation))

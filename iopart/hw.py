@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyudev  # type: ignore[import-untyped]
+import pyudev
 
 from iopart.errors import IopartError
 

@@ -12,6 +12,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from iopart.errors import PoolError
 
@@ -43,6 +44,66 @@ def _hugepages_free() -> tuple[int, int]:
     except OSError:
         pass
     return free, size
+
+
+class ChannelMemory(Protocol):
+    """What a channel needs of the memory it lives in: a shared mapping, the fd that
+    other processes map it from, and page extents."""
+
+    mm: mmap.mmap
+    fd: int
+
+    def allocate(self, nbytes: int) -> Extent: ...
+
+    def release(self, ext: Extent) -> None: ...
+
+
+class ExtentAllocator:
+    """First fit over whole pages of one range, merging freed neighbours."""
+
+    def __init__(self, area: Extent, page_size: int = PAGE_4K) -> None:
+        self.area = area
+        self.page_size = page_size
+        self._free: list[Extent] = [area]
+
+    def allocate(self, nbytes: int) -> Extent:
+        """First-fit allocation of whole pool pages; PoolError when none fits."""
+        if nbytes <= 0:
+            raise PoolError(f"allocation size must be positive, got {nbytes}")
+        length = -(-nbytes // self.page_size) * self.page_size
+        for i, ext in enumerate(self._free):
+            if ext.length >= length:
+                got = Extent(ext.offset, length)
+                rest = Extent(ext.offset + length, ext.length - length)
+                self._free[i : i + 1] = [rest] if rest.length else []
+                return got
+        raise PoolError(
+            f"pool exhausted: {length} bytes wanted, {self.free_bytes()} free "
+            f"of {self.area.length}",
+            errno=12,
+        )
+
+    def release(self, ext: Extent) -> None:
+        """Return an extent; neighbours are merged. Double release is refused."""
+        a = self.area
+        if ext.offset % self.page_size or ext.length <= 0 or ext.offset < a.offset or (
+            ext.end > a.end
+        ):
+            raise PoolError(f"not an extent of this pool: {ext}")
+        for f in self._free:
+            if ext.offset < f.end and f.offset < ext.end:
+                raise PoolError(f"extent {ext} is already free")
+        free = sorted([*self._free, ext], key=lambda e: e.offset)
+        merged: list[Extent] = []
+        for e in free:
+            if merged and merged[-1].end == e.offset:
+                merged[-1] = Extent(merged[-1].offset, merged[-1].length + e.length)
+            else:
+                merged.append(e)
+        self._free = merged
+
+    def free_bytes(self) -> int:
+        return sum(e.length for e in self._free)
 
 
 class HostMemoryPool:
@@ -81,42 +142,18 @@ class HostMemoryPool:
         self.mm: mmap.mmap = mm
         self.fd = fd
         self.size = size
-        self._free: list[Extent] = [Extent(0, size)]
+        self.extents = ExtentAllocator(Extent(0, size), self.page_size)
 
     def allocate(self, nbytes: int) -> Extent:
         """First-fit allocation of whole pool pages; PoolError when none fits."""
-        if nbytes <= 0:
-            raise PoolError(f"allocation size must be positive, got {nbytes}")
-        length = -(-nbytes // self.page_size) * self.page_size
-        for i, ext in enumerate(self._free):
-            if ext.length >= length:
-                got = Extent(ext.offset, length)
-                rest = Extent(ext.offset + length, ext.length - length)
-                self._free[i : i + 1] = [rest] if rest.length else []
-                return got
-        raise PoolError(
-            f"pool exhausted: {length} bytes wanted, {self.free_bytes()} free of {self.size}",
-            errno=12,
-        )
+        return self.extents.allocate(nbytes)
 
     def release(self, ext: Extent) -> None:
         """Return an extent; neighbours are merged. Double release is refused."""
-        if ext.offset % self.page_size or ext.length <= 0 or ext.end > self.size:
-            raise PoolError(f"not an extent of this pool: {ext}")
-        for f in self._free:
-            if ext.offset < f.end and f.offset < ext.end:
-                raise PoolError(f"extent {ext} is already free")
-        free = sorted([*self._free, ext], key=lambda e: e.offset)
-        merged: list[Extent] = []
-        for e in free:
-            if merged and merged[-1].end == e.offset:
-                merged[-1] = Extent(merged[-1].offset, merged[-1].length + e.length)
-            else:
-                merged.append(e)
-        self._free = merged
+        self.extents.release(ext)
 
     def free_bytes(self) -> int:
-        return sum(e.length for e in self._free)
+        return self.extents.free_bytes()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -129,3 +166,20 @@ class HostMemoryPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PoolArea:
+    """Part of a pool mapped by another process (an I/O partition), in which it formats
+    channels. Quacks like HostMemoryPool for `Channel` and the channel handoff."""
+
+    def __init__(self, mm: mmap.mmap, fd: int, area: Extent, page_size: int = PAGE_4K) -> None:
+        self.mm = mm
+        self.fd = fd
+        self.size = len(mm)
+        self.extents = ExtentAllocator(area, page_size)
+
+    def allocate(self, nbytes: int) -> Extent:
+        return self.extents.allocate(nbytes)
+
+    def release(self, ext: Extent) -> None:
+        self.extents.release(ext)

@@ -28,7 +28,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 PARTITION_KINDS = ("system", "io", "guest")
 PARTITION_STATES = ("defined", "running", "stopped", "failed")
 DEVICE_KINDS = ("disk", "nic")
-ASSIGN_MODES = ("rw", "ro")
+ASSIGN_MODES = ("rw", "ro", "shared")
 MAX_PARTITIONS = 256  # slots of the descriptor table (iopart.descriptors)
 DEFAULT_MEMORY_AREA = 1 << 30
 MAX_EXTENTS = 64  # regions of a descriptor's translation table (IOP_XLATE_MAX_REGIONS)
@@ -133,6 +133,7 @@ class AddDevice(Op):
     kind: str
     path: str
     server: str  # the I/O partition that owns the hardware
+    size: int = 0  # bytes, as the I/O partition found the device (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,9 @@ class Assign(Op):
     op: ClassVar[str] = "assign"
     device: str
     partition: str
-    mode: str = "rw"
+    mode: str = "rw"  # rw: exclusive range; shared: writable, may overlap other shared; ro
+    offset: int = 0  # byte range of the device the partition sees as its disk
+    length: int = 0  # 0: to the end of the device
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ def parse_op(d: Any) -> Op:
         _choice(args["mode"], "mode", ASSIGN_MODES)
     if "cpu" in args:
         args["cpu"] = _cpu(args["cpu"])
-    for key in ("memory", "index", "nslots", "slot_size"):
+    for key in ("memory", "index", "nslots", "slot_size", "size", "offset", "length"):
         if key in args:
             _uint(args[key], key)
     if "path" in args and (not isinstance(args["path"], str) or not args["path"]):
@@ -248,7 +251,9 @@ class DeviceRecord:
     kind: str
     path: str
     server: str
+    size: int = 0
     assigned: dict[str, str] = field(default_factory=dict)  # partition -> mode
+    extents: dict[str, list[int]] = field(default_factory=dict)  # partition -> [offset, length]
 
 
 @dataclass
@@ -429,7 +434,7 @@ class ResourceDB:
                     field="path",
                     errno=errno.EBUSY,
                 )
-        self.devices[op.name] = DeviceRecord(op.name, op.kind, op.path, op.server)
+        self.devices[op.name] = DeviceRecord(op.name, op.kind, op.path, op.server, op.size)
         return lambda: self.devices.pop(op.name)
 
     def _device(self, name: str, what: str) -> DeviceRecord:
@@ -458,12 +463,34 @@ class ResourceDB:
                 field="partition",
                 errno=errno.EEXIST,
             )
-        if op.mode == "rw" and any(m == "rw" for m in d.assigned.values()):
+        end = op.offset + op.length if op.length else d.size
+        if op.offset % 512 or op.length % 512:
+            raise RefusedError("offset and length must be multiples of 512", field="offset")
+        if d.size and (end > d.size or op.offset >= d.size):
             raise RefusedError(
-                f"device {op.device!r} already has a writer", field="mode", errno=errno.EBUSY
+                f"range [{op.offset}, {end}) is outside device {op.device!r} ({d.size} bytes)",
+                field="length",
+                errno=errno.ERANGE,
             )
+        if op.mode != "ro":
+            for other, mode in d.assigned.items():
+                lo, ln = d.extents.get(other, [0, 0])
+                hi = lo + ln if ln else (d.size or 1 << 63)
+                clash = op.offset < hi and lo < (end or 1 << 63)
+                if clash and mode != "ro" and not (mode == op.mode == "shared"):
+                    raise RefusedError(
+                        f"range of device {op.device!r} overlaps what {other!r} writes",
+                        field="offset",
+                        errno=errno.EBUSY,
+                    )
         d.assigned[op.partition] = op.mode
-        return lambda: d.assigned.pop(op.partition)
+        d.extents[op.partition] = [op.offset, op.length]
+
+        def undo() -> None:
+            d.assigned.pop(op.partition)
+            d.extents.pop(op.partition)
+
+        return undo
 
     def _unassign(self, op: Unassign) -> Undo:
         d = self._device(op.device, "device")
@@ -474,7 +501,13 @@ class ResourceDB:
                 errno=errno.ENOENT,
             )
         mode = d.assigned.pop(op.partition)
-        return lambda: d.assigned.__setitem__(op.partition, mode)
+        ext = d.extents.pop(op.partition, [0, 0])
+
+        def undo() -> None:
+            d.assigned[op.partition] = mode
+            d.extents[op.partition] = ext
+
+        return undo
 
     def _create_channel(self, op: CreateChannel) -> Undo:
         if op.name in self.channels:
@@ -509,7 +542,8 @@ class ResourceDB:
                 for n, p in sorted(self.partitions.items())
             },
             "devices": {
-                n: asdict(d) | {"assigned": dict(sorted(d.assigned.items()))}
+                n: asdict(d) | {"assigned": dict(sorted(d.assigned.items())),
+                                "extents": dict(sorted(d.extents.items()))}
                 for n, d in sorted(self.devices.items())
             },
             "channels": {n: asdict(c) for n, c in sorted(self.channels.items())},

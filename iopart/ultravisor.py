@@ -55,6 +55,7 @@ COMMAND_MEMORY = 16 << 20
 COMMAND_SLOTS = 64
 READ_WRITE = int(lib.IOP_ACCESS_READ | lib.IOP_ACCESS_WRITE)
 AUDIT_REPLY_BUDGET = 96 << 10  # bytes of records per audit query reply
+IO_CHANNEL_AREA = 8 << 20  # pool bytes an I/O partition formats its client channels in
 
 
 @dataclass
@@ -68,11 +69,14 @@ class Session:
     channel: Channel
     memory: Extent
     server: CommandServer
+    channel_area: Extent | None = None  # an I/O partition's channels to its clients
 
     def close(self, pool: HostMemoryPool) -> None:
         self.server.end.close()
         self.channel.close()
         pool.release(self.memory)
+        if self.channel_area is not None:
+            pool.release(self.channel_area)
         os.close(self.pidfd)
         self.conn.close()
 
@@ -94,6 +98,7 @@ class Ultravisor:
         self.tm = TransactionManager(self.db, self.audit)
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[int, Session] = {}
+        self.monitors: dict[int, tuple[str, int, socket.socket]] = {}  # pidfd -> guest, pid
         self.sock_path = state_dir / "ultravisor.sock"
         self.running = True
 
@@ -136,6 +141,8 @@ class Ultravisor:
                     "memory_free": pm.free_bytes(), "pagemap": pm.counters(),
                     "descriptor_publishes": self.descriptors.publishes,
                     "cpu": self.cpu.report(),
+                    "monitors": [{"partition": m[0], "pid": m[1]}
+                                 for m in self.monitors.values()],
                     "sessions": [{"origin": s.origin, "pid": s.pid,
                                   "served": s.server.served, "refused": s.server.refused}
                                  for s in self.sessions.values()],
@@ -164,9 +171,15 @@ class Ultravisor:
         conn.settimeout(2.0)
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, _uid, _gid = struct.unpack("3i", creds)
-        hello = conn.recv(64).decode(errors="replace").strip()
+        hello = conn.recv(128).decode(errors="replace").strip()
         if hello == "?descriptors":
             socket.send_fds(conn, [b"descriptors"], [self.descriptors.fd])
+            return None
+        if hello == "?pool":
+            self._give_pool(conn, pid)
+            return None
+        if hello.startswith("?monitor "):
+            self._monitor(conn, pid, hello.split(" ", 1)[1])
             return None
         name = hello if NAME_RE.match(hello) else "unnamed"
         origin = f"{name}/{pid}"  # unique per process: a successor never inherits rollbacks
@@ -200,6 +213,62 @@ class Ultravisor:
         conn.settimeout(None)
         self.cpu.attach(name, pid, self.db.partitions)
         return s
+
+    def _give_pool(self, conn: socket.socket, pid: int) -> None:
+        """The whole pool, for an I/O partition only: it serves every client's memory."""
+        names = [s.origin.partition("/")[0] for s in self.sessions.values() if s.pid == pid]
+        io = [n for n in names if n in self.db.partitions and self.db.partitions[n].kind == "io"]
+        if not io:
+            log.warning("pid %d asked for the pool but is no connected I/O partition", pid)
+            conn.sendall(json.dumps({"error": "only a connected I/O partition gets the pool"})
+                         .encode())
+            return
+        session = next(s for s in self.sessions.values() if s.pid == pid)
+        if session.channel_area is None:
+            try:
+                session.channel_area = self.pool.allocate(IO_CHANNEL_AREA)
+            except IopartError as exc:
+                conn.sendall(json.dumps({"error": f"no room for channels: {exc}"}).encode())
+                return
+        area = session.channel_area
+        body = json.dumps({"size": self.pool.size, "partition": io[0],
+                           "channel_area": [area.offset, area.length]}).encode()
+        socket.send_fds(conn, [body], [self.pool.fd])
+
+    def _monitor(self, conn: socket.socket, pid: int, name: str) -> None:
+        """A guest's monitor: its memory extents (it maps them and closes the pool fd)."""
+        p = self.db.partitions.get(name)
+        if p is None or p.kind != "guest":
+            conn.sendall(json.dumps({"error": f"no guest partition named {name!r}"}).encode())
+            return
+        for m in self.monitors.values():
+            if m[0] == name:
+                conn.sendall(json.dumps(
+                    {"error": f"guest {name!r} already runs under monitor pid {m[1]}"}).encode())
+                return
+        regions = regions_for(self.db.memory_of(name), self.memory_area.offset)
+        if not regions:
+            conn.sendall(json.dumps({"error": f"guest {name!r} has no memory"}).encode())
+            return
+        disks = [{"device": d.name, "server": d.server, "mode": d.assigned[name]}
+                 for d in self.db.devices.values() if name in d.assigned]
+        body = json.dumps({"partition": name, "index": p.index, "cpu": p.cpu,
+                           "regions": [r.__dict__ for r in regions], "disks": disks}).encode()
+        pidfd = os.pidfd_open(pid)
+        socket.send_fds(conn, [body], [self.pool.fd])
+        self.cpu.attach(name, pid, self.db.partitions)
+        c = conn.dup()
+        self.monitors[pidfd] = (name, pid, c)
+        self.sel.register(pidfd, selectors.EVENT_READ, ("monitor", None))
+        log.info("monitor of %s (pid %d) took its %d region(s)", name, pid, len(regions))
+
+    def monitor_died(self, pidfd: int) -> None:
+        self.sel.unregister(pidfd)
+        name, pid, conn = self.monitors.pop(pidfd)
+        os.close(pidfd)
+        conn.close()
+        self.cpu.detach(name, pid)
+        log.info("monitor of %s (pid %d) is gone", name, pid)
 
     def _handler(self, origin: str) -> Callable[[Any], dict[str, Any]]:
         return lambda m: self.handle(origin, m)
@@ -247,6 +316,8 @@ class Ultravisor:
                     kind, s = key.data
                     if kind == "listen":
                         self.accept(listener)
+                    elif kind == "monitor":
+                        self.monitor_died(int(key.fd))
                     elif kind == "peer":
                         self.peer_died(s)
                     else:

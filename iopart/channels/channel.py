@@ -17,7 +17,7 @@ from typing import Any
 
 from iopart._native import check, ffi, lib
 from iopart.errors import BadHeaderError, ChannelBrokenError, ConfigError, NativeError
-from iopart.pool import Extent, HostMemoryPool
+from iopart.pool import ChannelMemory, Extent
 
 #: type UUID of the generic (null/echo) channel; device channels get their own
 NULL_CHANNEL_TYPE = uuid.UUID("6f2c1d0e-4b7a-4e51-9a0c-10a0c0de0001")
@@ -240,7 +240,7 @@ class Channel:
 
     def __init__(
         self,
-        pool: HostMemoryPool,
+        pool: ChannelMemory,
         geometry: ChannelGeometry | None = None,
         type_uuid: uuid.UUID = NULL_CHANNEL_TYPE,
         features: int = 0,

@@ -1,0 +1,227 @@
+"""The monitor stub: what runs before a process guest's own code, and watches it.
+
+    python -m monitor_stubs.stub --state-dir DIR --name GUEST [--direct] -- python3 PROG ...
+
+1. Asks the ultravisor for the partition's memory (`?monitor GUEST`): it gets the pool
+   fd and the partition's regions, maps exactly those extents at base + PRPA, and
+   closes the pool fd. The ultravisor puts this process in the partition's cgroup
+   (its CPU share) and watches it with a pidfd.
+2. Attaches every disk the database assigns to the partition, at the I/O partition
+   that serves it; each attach gives a channel end (only its pages are mapped).
+3. Forks the guest. The guest closes every fd but stdio and its doorbells, loads
+   the seccomp filter (monitor_stubs.seccomp_policy) and hands the listener to the
+   monitor, then runs the guest program in this same process image, so the memory
+   map and the channels stay (an exec would drop them). Guest programs are Python:
+   a script, `-m module` or `-c code`; they reach their disk through
+   `iopart.client.open_disk()`.
+4. The monitor answers the guest's trapped calls until it exits, and exits with the
+   guest's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import runpy
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from iopart.channels.handoff import AcceptedChannel, accept_channel
+from iopart.channels.xlate import Region
+from iopart.client import DiskEndpoint, GuestMemory, attach
+from iopart.errors import IopartError
+from monitor_stubs.seccomp_policy import (
+    GuestTrapHandler,
+    install_guest_filter,
+    receive_listener_fd,
+)
+
+log = logging.getLogger("iopart.monitor")
+_MSG = 65536
+
+
+class MonitorError(IopartError):
+    kind = "monitor"
+
+
+def take_memory(state_dir: Path, name: str) -> tuple[GuestMemory, dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(10)
+        try:
+            s.connect(str(state_dir / "ultravisor.sock"))
+        except OSError as exc:
+            raise MonitorError(f"cannot reach the ultravisor in {state_dir}: {exc.strerror} "
+                               "(is `iopart up` running?)", errno=exc.errno or 0) from exc
+        s.sendall(f"?monitor {name}".encode())
+        body, fds, _f, _a = socket.recv_fds(s, _MSG, 1)
+    info: dict[str, Any] = json.loads(body or b"{}")
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise MonitorError(f"the ultravisor refused: {info.get('error', 'no answer')}",
+                           errno=errno.EPERM)
+    try:
+        regions = [Region(**r) for r in info["regions"]]
+        memory = GuestMemory.map(fds[0], regions)
+    finally:
+        os.close(fds[0])  # the guest never holds the pool
+    return memory, info
+
+
+def attach_disk(state_dir: Path, name: str, disk: dict[str, Any], memory: GuestMemory,
+                direct: bool) -> tuple[DiskEndpoint, AcceptedChannel, socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(10)
+        sock.connect(str(state_dir / f"{disk['server']}.sock"))
+        sock.send(json.dumps({"partition": name, "device": disk["device"],
+                              "direct": direct}).encode())
+        reply = json.loads(sock.recv(_MSG) or b"{}")
+        if not reply.get("ok"):
+            why = reply.get("error", {}).get("message", "the I/O partition closed")
+            raise MonitorError(f"cannot attach {disk['device']}: {why}", errno=errno.EACCES)
+        acc = accept_channel(sock)
+        sock.settimeout(None)
+    except OSError as exc:
+        sock.close()
+        raise MonitorError(f"cannot attach {disk['device']} at {disk['server']}: {exc}",
+                           errno=exc.errno or 0) from exc
+    except IopartError:
+        sock.close()
+        raise
+    ep = DiskEndpoint(acc.end, memory, int(reply["size"]), disk["device"],
+                      reply["mode"] == "ro")
+    return ep, acc, sock
+
+
+def run_program(argv: list[str]) -> int:
+    """Run a Python guest program in this process; its exit status."""
+    prog = argv[1:]
+    sys.argv = prog[:] if prog else [""]
+    try:
+        if prog and prog[0] == "-m" and len(prog) > 1:
+            sys.argv = prog[1:]
+            runpy.run_module(prog[1], run_name="__main__", alter_sys=True)
+        elif prog and prog[0] == "-c" and len(prog) > 1:
+            sys.argv = ["-c", *prog[2:]]
+            exec(compile(prog[1], "<guest>", "exec"), {"__name__": "__main__"})
+        elif prog:
+            sys.argv = prog[:]
+            runpy.run_path(prog[0], run_name="__main__")
+        else:
+            print("monitor: no guest program given", file=sys.stderr)
+            return 2
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def check_program(argv: list[str]) -> None:
+    if not argv or not Path(argv[0]).name.startswith("python"):
+        raise MonitorError(
+            "a process guest runs a Python program inside its monitor (an exec would drop "
+            "the partition's memory map): give `python3 SCRIPT`, `python3 -m MODULE` or "
+            f"`python3 -c CODE`, got {' '.join(argv) or 'nothing'}", errno=errno.EINVAL)
+
+
+def guest_main(argv: list[str], keep: list[int], report: socket.socket) -> int:
+    """In the forked guest: shed fds, load the filter, run the program."""
+    keep_set = sorted({0, 1, 2, report.fileno(), *keep})
+    lo = 0
+    for fd in keep_set:
+        if fd > lo:
+            os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, 65536)
+    install_guest_filter(report)
+    report.close()
+    return run_program(argv)
+
+
+def main(args: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="iopart-monitor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--name", required=True, help="the guest partition")
+    p.add_argument("--direct", action="store_true", help="disk I/O with O_DIRECT")
+    p.add_argument("program", nargs=argparse.REMAINDER)
+    a = p.parse_args(args)
+    prog = a.program[1:] if a.program[:1] == ["--"] else a.program
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s monitor %(message)s")
+    try:
+        check_program(prog)
+        memory, info = take_memory(a.state_dir, a.name)
+        disks: dict[str, DiskEndpoint] = {}
+        held: list[tuple[AcceptedChannel, socket.socket]] = []
+        for d in info.get("disks", []):
+            ep, acc, sock = attach_disk(a.state_dir, a.name, d, memory, a.direct)
+            disks[ep.name] = ep
+            held.append((acc, sock))
+    except IopartError as exc:
+        print(f"iopart monitor: {exc.message}", file=sys.stderr)
+        return 1
+    keep = [fd for acc, _s in held for fd in (acc.doorbells.req, acc.doorbells.rsp)]
+    mon_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            mon_sock.close()
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            attach(memory, disks)
+            code = guest_main(prog, keep, guest_sock)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    guest_sock.close()
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda *_: os.kill(pid, signal.SIGINT))
+    stop = threading.Event()
+    handler: GuestTrapHandler | None = None
+    try:
+        listener = receive_listener_fd(mon_sock, timeout=10)
+        handler = GuestTrapHandler(listener, pid, logger=log)
+        threading.Thread(target=handler.serve_forever, args=(stop,), daemon=True).start()
+    except (OSError, ValueError) as exc:
+        log.error("guest %s gave no seccomp listener (%s): stopping it", a.name, exc)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    stop.set()
+    if handler is not None:
+        refused = {k: v["refused"] for k, v in handler.counts.items() if v.get("refused")}
+        if refused:
+            log.warning("guest %s: refused calls %s", a.name, refused)
+        handler.close()
+    for acc, sock in held:
+        acc.close()
+        sock.close()
+    memory.close()
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(
+        status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
