@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from iopart.boot import IO_PARTITIONS
 from iopart.config import load as load_config
 from iopart.cpu_enforcer import remove_groups
 from iopart.errors import IopartError
@@ -78,9 +79,11 @@ def up(state_dir: Path, config: Path | None, timeout: float = 30.0,
         try:
             with RpcClient(state_dir, timeout=5.0) as c:
                 pong = c.call("ping")
-            if pong["ultravisor"]:
+            io_ready = all((state_dir / f"{n}.sock").exists() for n in IO_PARTITIONS)
+            if pong["ultravisor"] and io_ready:
                 break
-            report("command partition up, waiting for the ultravisor", 0.7)
+            report("waiting for the ultravisor" if not pong["ultravisor"]
+                   else "waiting for the I/O partitions", 0.7)
         except RpcError:
             report("waiting for the ultravisor and command partitions", 0.4)
         if time.monotonic() > deadline:

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from monitor_stubs.seccomp_policy import (
 
 log = logging.getLogger("iopart.monitor")
 _MSG = 65536
+ATTACH_WAIT_S = 15.0
 
 
 class MonitorError(IopartError):
@@ -81,7 +83,16 @@ def attach_disk(state_dir: Path, name: str, disk: dict[str, Any], memory: GuestM
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(10)
-        sock.connect(str(state_dir / f"{disk['server']}.sock"))
+        path = str(state_dir / f"{disk['server']}.sock")
+        deadline = time.monotonic() + ATTACH_WAIT_S
+        while True:  # an I/O partition being restarted by boot comes back shortly
+            try:
+                sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         sock.send(json.dumps({"partition": name, "device": disk["device"],
                               "direct": direct}).encode())
         reply = json.loads(sock.recv(_MSG) or b"{}")
