@@ -55,7 +55,7 @@ class CpuEnforcer:
         nxt = 0
         out: dict[str, CpuPlan] = {}
         for p in sorted(partitions.values(), key=lambda p: p.index):
-            if p.kind == "system":
+            if p.kind in ("system", "io"):
                 continue
             if p.cpu >= 1 and float(p.cpu).is_integer() and int(p.cpu) <= len(host):
                 n = int(p.cpu)

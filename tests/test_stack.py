@@ -63,6 +63,7 @@ def test_up_status_down(tmp_path: Path) -> None:
             "boot": ("system", "running"),
             "ultravisor": ("system", "running"),
             "command": ("system", "running"),
+            "iop-a": ("io", "running"),
         }
         kids = st["boot"]["children"]
         assert kids["ultravisor"]["alive"] and kids["command"]["alive"]
@@ -313,7 +314,7 @@ def test_a_session_beyond_the_system_area_is_refused_clearly(tmp_path: Path) -> 
     from iopart.uvlink import UltravisorLink
 
     cfg = tmp_path / "small.toml"
-    cfg.write_text("[host]\nsystem_mib = 40\nmemory_mib = 64\n")  # room for 2 sessions
+    cfg.write_text("[host]\nsystem_mib = 64\nmemory_mib = 64\n")  # room for 3 sessions
     s = Stack(tmp_path / "state", cfg)
     s.up()
     try:

@@ -367,8 +367,10 @@ def test_parse_op_round_trips_every_operation() -> None:
             "memory": 4096,
             "index": 0,
         },
-        {"op": "add_device", "name": "d", "kind": "nic", "path": "tap0", "server": "iop"},
-        {"op": "assign", "device": "d", "partition": "g", "mode": "ro"},
+        {"op": "add_device", "name": "d", "kind": "nic", "path": "tap0", "server": "iop",
+         "size": 0},
+        {"op": "assign", "device": "d", "partition": "g", "mode": "ro", "offset": 0,
+         "length": 4096},
         {
             "op": "create_channel",
             "name": "c",
