@@ -168,6 +168,15 @@ static int64_t psync_io(struct req *r)
     return n < 0 ? -errno : n;
 }
 
+static int64_t nowait_io(struct req *r)
+{
+    uint64_t pos = r->e->cfg.base + r->offset;
+    ssize_t n = r->op == IOP_OP_READ
+                    ? preadv2(r->e->cfg.fd, r->iov, r->niov, (off_t)pos, RWF_NOWAIT)
+                    : pwritev2(r->e->cfg.fd, r->iov, r->niov, (off_t)pos, RWF_NOWAIT);
+    return n < 0 ? -errno : n;
+}
+
 static int uring_prep(struct iop_blk_server *s, struct req *r)
 {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&s->ring);
@@ -271,6 +280,17 @@ static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc 
     e->inflight++;
     BUMP(e->st.inflight, 1);
     BUMP(s->st.submitted, 1);
+    if (s->uring && !(e->cfg.flags & IOP_BLK_DIRECT) && r->op != IOP_OP_FLUSH) {
+        /* page cache hit: done inline, as fast as a plain pread; a miss (EAGAIN or a
+         * short transfer) goes to io_uring whole, which is safe because block I/O is
+         * idempotent by position */
+        int64_t n = nowait_io(r);
+        if (n == (int64_t)r->len || (n < 0 && n != -EAGAIN && n != -EOPNOTSUPP)) {
+            BUMP(s->st.inline_done, 1);
+            complete(s, r, n);
+            return;
+        }
+    }
     if (s->uring && uring_prep(s, r) == 0)
         return;
     complete(s, r, psync_io(r));

@@ -141,7 +141,8 @@ class BlockServer:
         s = ffi.new("struct iop_blk_server_stats *")
         lib.iop_blk_server_stats(self._s, s)
         return {k: int(getattr(s, k)) for k in
-                ("loops", "sleeps", "batches", "submitted", "completed", "broken_channels")}
+                ("loops", "sleeps", "batches", "submitted", "completed", "broken_channels",
+                 "inline_done")}
 
     @property
     def endpoints(self) -> list[int]:

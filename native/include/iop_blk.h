@@ -76,6 +76,7 @@ struct iop_blk_server_stats {
     uint64_t submitted;
     uint64_t completed;
     uint64_t broken_channels;
+    uint64_t inline_done; /* io_uring engine: requests the page cache served at once */
 };
 
 struct iop_blk_server;
