@@ -208,6 +208,10 @@ static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc 
         refuse(e, d, -EINVAL, &e->st.refused_desc);
         return;
     }
+    if (d->opcode == IOP_OP_NULL || d->opcode == IOP_OP_ECHO) {
+        respond(e, d->id, d->opcode, 0, 0, d->offset); /* understood by every server */
+        return;
+    }
     if (d->opcode != IOP_OP_READ && d->opcode != IOP_OP_WRITE && d->opcode != IOP_OP_FLUSH) {
         refuse(e, d, -EOPNOTSUPP, &e->st.refused_op);
         return;
@@ -329,7 +333,7 @@ static int should_stop(struct iop_blk_server *s)
 static void sleep_all(struct iop_blk_server *s)
 {
     struct pollfd p[IOP_BLK_MAX_ENDPOINTS + 2];
-    int n = 0;
+    int n = 0, held = 0;
     p[n++] = (struct pollfd){.fd = s->wake_fd, .events = POLLIN};
     if (s->uring && s->uring_efd >= 0)
         p[n++] = (struct pollfd){.fd = s->uring_efd, .events = POLLIN};
@@ -337,6 +341,11 @@ static void sleep_all(struct iop_blk_server *s)
         struct ep *e = &s->eps[i];
         if (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE) != EP_ACTIVE || iop_chan_broken(e->ch))
             continue;
+        if (iop_chan_tx_free(e->ch) <= e->inflight) {
+            /* its client is not taking responses: its requests wait, and so does it */
+            held = 1;
+            continue;
+        }
         if (iop_chan_arm(e->ch) != 0)
             return; /* work arrived, or the channel just broke */
         int fd = iop_chan_wait_fd(e->ch);
@@ -346,8 +355,9 @@ static void sleep_all(struct iop_blk_server *s)
     if (s->uring && s->uring_efd >= 0 && io_uring_cq_ready(&s->ring))
         return;
     BUMP(s->st.sleeps, 1);
-    /* with I/O in flight, wake at least every millisecond to run its completions */
-    int busy = s->uring && s->st.submitted != s->st.completed;
+    /* with I/O in flight, wake at least every millisecond to run its completions; a
+     * held-back client is looked at as often (it rings no doorbell when it catches up) */
+    int busy = held || (s->uring && s->st.submitted != s->st.completed);
     int rc = poll(p, (nfds_t)n, busy ? 1 : 100);
     if (rc <= 0)
         return;
