@@ -48,6 +48,7 @@ demo: setup
 bench: setup
 	$(VENV)/bin/iopart bench channel
 	$(VENV)/bin/iopart bench tx
+	$(VENV)/bin/iopart bench disk
 
 clean:
 	rm -rf build bench/peers/build native/fuzz/build iopart/_iop_native*.so iopart/_iop_native.c

@@ -294,6 +294,14 @@ static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc 
             complete(s, r, n);
             return;
         }
+        if (r->op == IOP_OP_WRITE) {
+            /* a buffered write that cannot promise not to block (ext4 here) only copies
+             * into the page cache: doing it here costs less than an io-wq worker thread
+             * that would compete with this one for its CPU */
+            BUMP(s->st.inline_done, 1);
+            complete(s, r, psync_io(r));
+            return;
+        }
     }
     if (s->uring && uring_prep(s, r) == 0)
         return;
