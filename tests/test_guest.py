@@ -247,3 +247,54 @@ def test_the_io_partition_is_restarted_and_serves_again(stack: Stack, tmp_path: 
     """)
     res = guest(stack, "again", prog)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_running_guest_shows_in_status_and_metrics(stack: Stack, tmp_path: Path) -> None:
+    import urllib.request
+
+    gate = tmp_path / "go"
+    prog = script(tmp_path, "live", f"""
+        import json, os, time
+        from iopart import client
+        d = client.open_disk()
+        for i in range(3):
+            d.write(i * 4096, b"m" * 4096)
+        d.read(0, 4096)
+        print(json.dumps({{"cgroup": open("/proc/self/cgroup").read()}}), flush=True)
+        deadline = time.monotonic() + 60
+        while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    """)
+    argv = [*cli_argv(), "guest", "run", "live", *stack.sd(), "--cpu", "0.5", "--",
+            "python3", str(prog)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ep: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rep = stack.status()["io"]["iop-a"]
+            eps = [e for e in rep.get("endpoints", []) if e["partition"] == "live"]
+            if eps and eps[0]["stats"]["writes"] == 3:
+                ep = eps[0]
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        assert ep, "the endpoint never showed its three writes"
+        st = ep["stats"]
+        assert st["reads"] >= 1 and st["bytes_written"] == 3 * 4096 and st["refused"] == 0
+        assert sum(st["hist"]) == st["reads"] + st["writes"] + st["flushes"]
+        with urllib.request.urlopen(rep["metrics_url"], timeout=10) as r:
+            text = r.read().decode()
+        line = next(ln for ln in text.splitlines()
+                    if ln.startswith("iopart_disk_ops_total") and 'partition="live"' in ln
+                    and 'op="write"' in ln)
+        assert line.endswith(" 3.0"), line
+        assert 'iopart_disk_latency_seconds_bucket{device="disk0"' in text
+        table = cli("status", *stack.sd())
+        assert "disk endpoints" in table.stdout and "live" in table.stdout
+    finally:
+        gate.touch()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    cg = last_json(out)["cgroup"]
+    assert any(ln.endswith("/live") for ln in cg.splitlines()), cg
