@@ -34,6 +34,7 @@ import signal
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,11 @@ from iopart.drivers.disk import Disk, DiskError, create_image
 from iopart.errors import IopartError
 from iopart.pool import Extent as PoolExtent
 from iopart.pool import PoolArea
-from iopart.uvlink import UltravisorError, UltravisorLink, descriptor_fd
+from iopart.uvlink import UltravisorError, UltravisorLink, descriptor_fd, request_fd
 
 log = logging.getLogger("iopart.iopartition")
-DISK_CHANNEL_TYPE_SLOTS = 128
+DISK_CHANNEL_SLOTS = 128
+DISK_CHANNEL_TYPE = uuid.UUID("6f2c1d0e-4b7a-4e51-9a0c-10a0c0de0010")
 DEFAULT_DISK = "disk0"
 _MSG = 4096
 
@@ -106,7 +108,7 @@ class IoPartition:
         self.disk_bytes = disk_bytes
         self.link = UltravisorLink.connect(state_dir, name)
         self._ensure_record()
-        pool_fd, info = self._ask_pool()
+        pool_fd, info = request_fd(state_dir, "?pool")
         try:
             self.pool = mmap.mmap(pool_fd, int(info["size"]), mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
@@ -142,20 +144,6 @@ class IoPartition:
                     raise
                 time.sleep(0.05)
         raise IopartError(f"could not record I/O partition {self.name}", errno=errno.EBUSY)
-
-    def _ask_pool(self) -> tuple[int, dict[str, Any]]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(5)
-            s.connect(str(self.state_dir / "ultravisor.sock"))
-            s.sendall(b"?pool")
-            body, fds, _f, _a = socket.recv_fds(s, _MSG, 1)
-        info: dict[str, Any] = json.loads(body or b"{}")
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise IopartError(f"the ultravisor gave no pool: {info.get('error', 'no reason')}",
-                              errno=errno.EPERM)
-        return fds[0], info
 
     def snapshot(self) -> dict[str, Any]:
         snap: dict[str, Any] = self.link.query("snapshot")["snapshot"]
@@ -211,7 +199,8 @@ class IoPartition:
         off, length = d["extents"].get(part, [0, 0])
         extent = Extent(int(off), int(length) or disk.size - int(off))
         direct = bool(req.get("direct", False))
-        ch = Channel(self.area, ChannelGeometry(nslots=DISK_CHANNEL_TYPE_SLOTS, slot_size=128))
+        ch = Channel(self.area, ChannelGeometry(nslots=DISK_CHANNEL_SLOTS, slot_size=128),
+                     type_uuid=DISK_CHANNEL_TYPE)
         end = ch.end(Role.SERVER)
         try:
             ep = self.server.add(end, self.dtab.xlate_table(index), disk, extent,

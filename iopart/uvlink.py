@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import time
@@ -133,15 +134,33 @@ class UltravisorLink:
         self.sock.close()
 
 
-def descriptor_fd(state_dir: Path, timeout: float = 5.0) -> int:
-    """Ask the ultravisor for the descriptor table's fd (it can only be mapped read-only)."""
+def request_fd(state_dir: Path, hello: str, timeout: float = 5.0,
+               max_body: int = 65536) -> tuple[int, dict[str, Any]]:
+    """Ask the ultravisor's control socket for one fd (`?pool`, `?monitor NAME`, ...).
+
+    Returns the fd and the JSON body that came with it; a refusal (no fd) raises
+    ChannelError carrying the ultravisor's reason."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(state_dir / "ultravisor.sock"))
-        sock.sendall(b"?descriptors")
-        _body, fds, _flags, _addr = socket.recv_fds(sock, 64, 1)
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ChannelError("the ultravisor sent no descriptor table", errno=errno.EPROTO)
-        return fds[0]
+        try:
+            sock.connect(str(state_dir / "ultravisor.sock"))
+        except OSError as exc:
+            raise ChannelError(f"cannot reach the ultravisor in {state_dir}: {exc.strerror} "
+                               "(is `iopart up` running?)", errno=exc.errno or 0) from exc
+        sock.sendall(hello.encode())
+        body, fds, _flags, _addr = socket.recv_fds(sock, max_body, 1)
+    try:
+        info: dict[str, Any] = json.loads(body) if body.startswith(b"{") else {}
+    except ValueError:
+        info = {}
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        why = info.get("error", "no answer")
+        raise ChannelError(f"the ultravisor refused {hello!r}: {why}", errno=errno.EPERM)
+    return fds[0], info
+
+
+def descriptor_fd(state_dir: Path, timeout: float = 5.0) -> int:
+    """Ask the ultravisor for the descriptor table's fd (it can only be mapped read-only)."""
+    return request_fd(state_dir, "?descriptors", timeout)[0]

@@ -38,7 +38,8 @@ from typing import Any
 from iopart.channels.handoff import AcceptedChannel, accept_channel
 from iopart.channels.xlate import Region
 from iopart.client import DiskEndpoint, GuestMemory, attach
-from iopart.errors import IopartError
+from iopart.errors import ChannelError, IopartError
+from iopart.uvlink import request_fd
 from monitor_stubs.seccomp_policy import (
     GuestTrapHandler,
     install_guest_filter,
@@ -55,26 +56,16 @@ class MonitorError(IopartError):
 
 
 def take_memory(state_dir: Path, name: str) -> tuple[GuestMemory, dict[str, Any]]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(10)
-        try:
-            s.connect(str(state_dir / "ultravisor.sock"))
-        except OSError as exc:
-            raise MonitorError(f"cannot reach the ultravisor in {state_dir}: {exc.strerror} "
-                               "(is `iopart up` running?)", errno=exc.errno or 0) from exc
-        s.sendall(f"?monitor {name}".encode())
-        body, fds, _f, _a = socket.recv_fds(s, _MSG, 1)
-    info: dict[str, Any] = json.loads(body or b"{}")
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise MonitorError(f"the ultravisor refused: {info.get('error', 'no answer')}",
-                           errno=errno.EPERM)
+    """The partition's extents, mapped at their PRPA layout; the pool fd is closed."""
+    try:
+        pool_fd, info = request_fd(state_dir, f"?monitor {name}", timeout=10)
+    except ChannelError as exc:
+        raise MonitorError(exc.message, errno=exc.errno) from exc
     try:
         regions = [Region(**r) for r in info["regions"]]
-        memory = GuestMemory.map(fds[0], regions)
+        memory = GuestMemory.map(pool_fd, regions)
     finally:
-        os.close(fds[0])  # the guest never holds the pool
+        os.close(pool_fd)  # the guest never holds the pool
     return memory, info
 
 

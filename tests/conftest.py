@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from iopart._native import ffi
 from iopart.channels import Channel, ChannelEnd, ChannelGeometry, Role
 from iopart.pool import HostMemoryPool
+from tests.stackutil import Stack
 
 
 @dataclass
@@ -62,3 +64,14 @@ def pair(pool: HostMemoryPool) -> Iterator[ChannelPair]:
         p.server.close()
         p.client.close()
         p.channel.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """A real host stack (boot, ultravisor, command, iop-a) in its own state directory."""
+    s = Stack(tmp_path / "state")
+    s.up()
+    try:
+        yield s
+    finally:
+        s.down()

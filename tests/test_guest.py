@@ -7,7 +7,6 @@ import os
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,6 @@ import pytest
 from tests.stackutil import Stack, cli
 
 pytestmark = pytest.mark.system
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "state")
-    s.up()
-    try:
-        yield s
-    finally:
-        s.down()
 
 
 def script(tmp: Path, name: str, body: str) -> Path:

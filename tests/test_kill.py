@@ -9,8 +9,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -24,16 +22,6 @@ pytestmark = pytest.mark.system
 MIB = 1 << 20
 N_TX = 200
 KILL_EVERY = 10
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "state")
-    s.up()
-    try:
-        yield s
-    finally:
-        s.down()
 
 
 def spec(i: int) -> tuple[float, int]:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,6 @@ from tests.stackutil import Stack, cli, leftover_processes
 
 pytestmark = pytest.mark.system
 MIB = 1 << 20
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "state")
-    s.up()
-    try:
-        yield s
-    finally:
-        s.down()
 
 
 def replayed(s: Stack) -> dict[str, object]:
