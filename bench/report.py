@@ -107,6 +107,7 @@ def plot_disk(doc: dict[str, Any], png: Path) -> Path | None:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     edges = np.asarray(hist["edges_us"], dtype=float)
     fig = Figure(figsize=(6.5 * len(panels), 4.2))
@@ -124,6 +125,9 @@ def plot_disk(doc: dict[str, Any], png: Path) -> Path | None:
             hi = max(hi, int(np.searchsorted(cum, 0.999)) + 1)
             ax.stairs(100.0 * c / c.sum(), edges, label=path)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         if hi > lo:
             ax.set_xlim(edges[lo] / 1.2, edges[hi] * 1.2)
         ax.set_xlabel("latency (µs, log)")

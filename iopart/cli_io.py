@@ -215,7 +215,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, st: argparse.Argument
         description="Create the partition (or reuse it), give it a range of a disk, and run "
         "the program under its monitor stub: only its memory mapped, seccomp filter, its "
         "CPU share. The program reaches its disk with iopart.client.open_disk().")
-    gr.add_argument("name")
+    gr.add_argument("name", help="the guest partition (created if it does not exist)")
     gr.add_argument("--memory", type=parse_mib, default=64, metavar="SIZE",
                     help="partition memory (default 64M)")
     gr.add_argument("--cpu", type=float, help="CPUs, e.g. 0.5 (default: policy)")
@@ -223,7 +223,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, st: argparse.Argument
     gr.add_argument("--disk-size", type=parse_mib, default=16, metavar="SIZE",
                     help="size of the range taken on the disk (default 16M)")
     gr.add_argument("--whole-disk", action="store_true", help="the whole disk, not a range")
-    gr.add_argument("--mode", choices=("rw", "ro", "shared"), default="rw")
+    gr.add_argument("--mode", choices=("rw", "ro", "shared"), default="rw",
+                    help="rw: a range nobody else writes (default); shared: writable, may "
+                    "overlap other shared ranges; ro: read-only")
     gr.add_argument("--direct", action="store_true", help="disk I/O with O_DIRECT")
     gr.add_argument("--rm", action="store_true", default=None,
                     help="destroy the partition when the program ends (default: only when "

@@ -287,3 +287,29 @@ def test_a_running_guest_shows_in_status_and_metrics(stack: Stack, tmp_path: Pat
     assert proc.returncode == 0, out + err
     cg = last_json(out)["cgroup"]
     assert any(ln.endswith("/live") for ln in cg.splitlines()), cg
+
+
+def test_a_loop_device_is_served_like_a_file(stack: Stack, tmp_path: Path) -> None:
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(bytes(8 << 20))
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        doc = stack.cli_json("disk", "add", "lo0", dev)
+        assert doc["disk"]["size"] == 8 << 20 and doc["disk"]["path"] == dev
+        prog = script(tmp_path, "loop", """
+            from iopart import client
+            d = client.open_disk("lo0")
+            d.write(4096, b"on a block device".ljust(512, b"!"))
+            d.flush()
+            assert d.read(4096, 17) == b"on a block device"
+            print("{}")
+        """)
+        res = guest(stack, "lg", prog, "--disk", "lo0", "--whole-disk")
+        assert res.returncode == 0, res.stdout + res.stderr
+        with open(backing, "rb") as f:
+            f.seek(4096)
+            assert f.read(17) == b"on a block device"
+        stack.cli_json("disk", "remove", "lo0")  # the guest's partition is gone: unassigned
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
