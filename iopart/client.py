@@ -27,6 +27,8 @@ from iopart.errors import ChannelError, IopartError
 OP_READ = int(lib.IOP_OP_READ)
 OP_WRITE = int(lib.IOP_OP_WRITE)
 OP_FLUSH = int(lib.IOP_OP_FLUSH)
+OP_NET_TX = int(lib.IOP_OP_NET_TX)
+OP_NET_RX = int(lib.IOP_OP_NET_RX)
 ACCESS_READ = int(lib.IOP_ACCESS_READ)
 ACCESS_WRITE = int(lib.IOP_ACCESS_WRITE)
 PAGE = 4096
@@ -241,6 +243,72 @@ class DiskEndpoint:
     def new_versions(self, block_size: int = 4096) -> Any:
         """Verify state that lasts across jobs (one entry per block of the endpoint)."""
         return ffi.new("uint32_t[]", max(self.size // block_size, 1))
+
+
+class NicEndpoint:
+    """A guest's virtual NIC: the client end of a switch port.
+
+    Receive buffers from the partition's memory are posted up front and reposted as
+    frames arrive; `send` waits for the switch to take the frame (its completion)."""
+
+    def __init__(self, end: ChannelEnd, memory: GuestMemory, mac: bytes, *,
+                 rx_buffers: int = 32, mtu: int = 1500, name: str = "nic") -> None:
+        if end.role is not Role.CLIENT:
+            raise ChannelError("a NIC endpoint needs the client end of a channel")
+        self.end, self.memory, self.mac, self.mtu, self.name = end, memory, mac, mtu, name
+        size = -(-(mtu + 18) // 64) * 64
+        self._rx = [memory.alloc(size, align=64) for _ in range(rx_buffers)]
+        self._tx = memory.alloc(size, align=64)
+        self._frames: list[bytes] = []
+        self._tx_status: dict[int, int] = {}
+        self._next_id = 1 << 32  # below: receive buffer ids (their index)
+        for i in range(rx_buffers):
+            self._post(i)
+        self.end.publish()
+
+    def _post(self, i: int) -> None:
+        b = self._rx[i]
+        if not self.end.push(Descriptor(i, OP_NET_RX, len=b.len,
+                                        frags=(Fragment(b.prpa, b.len, ACCESS_WRITE),))):
+            raise ChannelError(f"{self.name}: no room to post a receive buffer")
+
+    def _take(self, timeout_ms: int) -> bool:
+        got = self.end.pop()
+        if got is None:
+            return self.end.wait(timeout_ms)
+        if got.opcode == OP_NET_RX and got.id < len(self._rx):
+            if got.status == 0:
+                self._frames.append(bytes(self._rx[got.id].view[: got.len]))
+            self._post(got.id)
+            self.end.publish()
+        else:
+            self._tx_status[got.id] = got.status
+        return True
+
+    def send(self, frame: bytes, timeout_ms: int = 5000) -> int:
+        """Hand a frame to the switch; its status (0, or -EPERM, -EMSGSIZE, ...)."""
+        if len(frame) > self._tx.len:
+            raise IoError(f"{self.name}: frame of {len(frame)} bytes is over the MTU",
+                          errno=errno.EMSGSIZE)
+        rid = self._next_id
+        self._next_id += 1
+        self._tx.view[: len(frame)] = frame
+        frag = Fragment(self._tx.prpa, max(len(frame), 1), ACCESS_READ)
+        while not self.end.push(Descriptor(rid, OP_NET_TX, len=len(frame), frags=(frag,))):
+            self._take(timeout_ms)
+        self.end.publish()
+        while rid not in self._tx_status:
+            if not self._take(timeout_ms):
+                raise IoError(f"{self.name}: send not completed in {timeout_ms} ms",
+                              errno=errno.ETIMEDOUT)
+        return self._tx_status.pop(rid)
+
+    def recv(self, timeout_ms: int = 1000) -> bytes | None:
+        """The next frame, or None when none came within the timeout."""
+        while not self._frames:
+            if not self._take(timeout_ms):
+                return None
+        return self._frames.pop(0)
 
 
 _OPS = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush"}

@@ -1,0 +1,226 @@
+"""The virtual switch in one process: learning, flooding, spoofing, sizes, uplinks."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from iopart.channels import Channel, ChannelGeometry, Region, RegionTable, Role
+from iopart.channels.channel import ChannelEnd
+from iopart.client import GuestMemory, NicEndpoint
+from iopart.drivers.vswitch import SwitchConfig, VSwitch, guest_mac
+from iopart.pool import HostMemoryPool
+
+pytestmark = pytest.mark.native
+BCAST = b"\xff" * 6
+
+
+def frame(dst: bytes, src: bytes, payload: bytes = b"hello", ethertype: int = 0x88B5) -> bytes:
+    return dst + src + struct.pack("!H", ethertype) + payload.ljust(46, b"\0")
+
+
+@dataclass
+class Net:
+    pool: HostMemoryPool
+    switch: VSwitch
+    guests: list[NicEndpoint] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    _close: list[object] = field(default_factory=list)
+
+    def guest(self, index: int, rx_buffers: int = 16, mtu: int = 1500) -> NicEndpoint:
+        ext = self.pool.allocate(1 << 20)
+        regions = RegionTable(self.pool.size)
+        regs = [Region(0, ext.length, ext.offset)]
+        regions.set(regs)
+        mem = GuestMemory.map(self.pool.fd, regs)
+        ch = Channel(self.pool, ChannelGeometry(nslots=64, slot_size=128))
+        srv, cli = ch.end(Role.SERVER), ch.end(Role.CLIENT)
+        mac = guest_mac(index)
+        port = self.switch.add_guest(srv, regions.table, mac, mtu=mtu)
+        nic = NicEndpoint(cli, mem, mac, rx_buffers=rx_buffers, mtu=mtu, name=f"g{index}")
+        self.guests.append(nic)
+        self.ports.append(port)
+        # the buffers are posted asynchronously: frames before they are taken would
+        # be dropped, as a NIC drops what arrives before its receive ring is filled
+        for _ in range(2000):
+            if self.switch.stats(port).rx_posted == rx_buffers:
+                break
+            time.sleep(0.001)
+        assert self.switch.stats(port).rx_posted == rx_buffers
+        self._close += [srv, cli, ch, mem, regions]
+        return nic
+
+    def close(self) -> None:
+        self.switch.stop()
+        for o in self._close:
+            if isinstance(o, ChannelEnd | Channel | GuestMemory):
+                o.close()
+        gc.collect()
+        self.pool.close()
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    pool = HostMemoryPool(32 << 20)
+    n = Net(pool, VSwitch(pool.mm, SwitchConfig(spin_ns=20_000)))
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def test_unknown_destinations_flood_then_the_switch_learns(net: Net) -> None:
+    a, b, c = net.guest(1), net.guest(2), net.guest(3)
+    f = frame(b.mac, a.mac, b"to b")
+    assert a.send(f) == 0
+    assert b.recv() == f and c.recv() == f  # b not learned yet: flooded
+    assert net.switch.lookup(a.mac) == net.ports[0]
+    back = frame(a.mac, b.mac, b"to a")
+    assert b.send(back) == 0
+    assert a.recv() == back
+    assert c.recv(timeout_ms=50) is None  # a was learned: not flooded
+    again = frame(b.mac, a.mac, b"again")
+    assert a.send(again) == 0 and b.recv() == again and c.recv(timeout_ms=50) is None
+    sa = net.switch.stats(net.ports[0])
+    assert sa.tx_frames == 2 and sa.flooded == 1 and sa.rx_frames == 1
+    assert net.switch.switch_stats()["unknown_dst"] == 1
+
+
+def test_broadcast_reaches_everyone_but_the_sender(net: Net) -> None:
+    a, b, c = net.guest(1), net.guest(2), net.guest(3)
+    f = frame(BCAST, a.mac, b"all")
+    assert a.send(f) == 0
+    assert b.recv() == f and c.recv() == f
+    assert a.recv(timeout_ms=50) is None
+    m = frame(b"\x01\x00\x5e\x00\x00\x01", c.mac, b"multicast")
+    assert c.send(m) == 0 and a.recv() == m and b.recv() == m
+
+
+def test_spoofed_runt_and_oversize_frames_are_dropped_and_counted(net: Net) -> None:
+    a, b = net.guest(1), net.guest(2, mtu=1500)
+    assert a.send(frame(b.mac, b.mac, b"spoof")) == -errno.EPERM
+    assert a.send(b"\x02" * 10) == -errno.EMSGSIZE
+    big = frame(b.mac, a.mac, b"x" * 1600)
+    assert len(big) > 1518
+    with pytest.raises(Exception, match="over the MTU"):
+        a.send(big)  # the client refuses it before the switch has to
+    # a client that ignores its MTU is refused by the switch
+    assert raw_tx(a, 7, 0x8000, 1600) == -errno.EMSGSIZE
+    assert b.recv(timeout_ms=50) is None
+    st = net.switch.stats(net.ports[0])
+    assert st.spoofed == 1 and st.runts == 1 and st.oversize == 1 and st.tx_frames == 0
+    assert net.switch.stats(net.ports[1]).rx_frames == 0
+    # nothing learned from a spoofed frame
+    assert net.switch.lookup(b.mac) is None
+
+
+def test_a_guest_without_receive_buffers_drops_like_a_nic(net: Net) -> None:
+    a, b = net.guest(1), net.guest(2, rx_buffers=2)
+    for i in range(5):
+        assert a.send(frame(b.mac, a.mac, bytes([i]))) == 0
+    got = [b.recv(timeout_ms=200) for _ in range(5)]
+    assert sum(g is not None for g in got) >= 2
+    st = net.switch.stats(net.ports[1])
+    assert st.rx_frames + st.rx_dropped == 5 and st.rx_dropped >= 1
+
+
+def test_an_uplink_is_a_port_like_any_other(net: Net) -> None:
+    a = net.guest(1)
+    wire, nic_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        up = net.switch.add_uplink(nic_side.fileno())
+        host_mac = b"\x02\x99\x00\x00\x00\x01"
+        wire.send(frame(a.mac, host_mac, b"from the wire"))
+        assert a.recv() == frame(a.mac, host_mac, b"from the wire")
+        assert net.switch.lookup(host_mac) == up
+        assert a.send(frame(host_mac, a.mac, b"to the wire")) == 0
+        wire.settimeout(2)
+        assert wire.recv(2048) == frame(host_mac, a.mac, b"to the wire")
+        wire.send(b"\x00" * 8)  # runt from the wire
+        assert a.send(frame(host_mac, a.mac, b"sync")) == 0
+        assert wire.recv(2048)[:6] == host_mac
+        assert net.switch.stats(up).runts == 1
+        net.switch.remove(up)
+        assert net.switch.lookup(host_mac) is None
+    finally:
+        wire.close()
+        nic_side.close()
+
+
+def raw_tx(nic: NicEndpoint, rid: int, addr: int, length: int) -> int | None:
+    """Send a frame descriptor by hand (what a hostile guest could do); its status."""
+    from iopart.channels.channel import Descriptor, Fragment
+    from iopart.client import ACCESS_READ, OP_NET_TX
+
+    rid |= 1 << 40
+    nic.end.push(Descriptor(rid, OP_NET_TX, len=length,
+                            frags=(Fragment(addr, length, ACCESS_READ),)))
+    nic.end.publish()
+    for _ in range(100):
+        nic._take(100)
+        if rid in nic._tx_status:
+            return nic._tx_status.pop(rid)
+    return None
+
+
+def test_frames_from_outside_the_guest_memory_are_refused(net: Net) -> None:
+    a, b = net.guest(1), net.guest(2)
+    assert raw_tx(a, 99, (1 << 20) + 4096, 60) == -errno.EFAULT
+    assert raw_tx(a, 98, (1 << 20) - 30, 60) == -errno.EFAULT  # runs off the end
+    assert net.switch.stats(net.ports[0]).refused == 2
+    assert b.recv(timeout_ms=50) is None
+
+
+def run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.mark.system
+def test_a_tap_uplink_in_a_namespace_answers_arp(net: Net) -> None:
+    """A real TAP, moved into a namespace of the test's own with 10.77.0.1/24: the guest
+    asks who has 10.77.0.1 and the kernel there answers through the switch."""
+    import fcntl
+
+    ns = f"iopt{uuid.uuid4().hex[:8]}"
+    tap = f"iopt{uuid.uuid4().hex[:6]}"
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    up = None
+    try:
+        ifr = struct.pack("16sH", tap.encode(), 0x0002 | 0x1000)  # IFF_TAP | IFF_NO_PI
+        fcntl.ioctl(fd, 0x400454CA, ifr)  # TUNSETIFF
+        run("ip", "netns", "add", ns)
+        run("ip", "link", "set", tap, "netns", ns)
+        run("ip", "-n", ns, "addr", "add", "10.77.0.1/24", "dev", tap)
+        run("ip", "-n", ns, "link", "set", tap, "up")
+        a = net.guest(1)
+        up = net.switch.add_uplink(fd)
+        arp = (BCAST + a.mac + struct.pack("!H", 0x0806)
+               + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + a.mac
+               + bytes([10, 77, 0, 2]) + bytes(6) + bytes([10, 77, 0, 1]))
+        assert a.send(arp.ljust(60, b"\0")) == 0
+        reply = None
+        for _ in range(50):
+            f = a.recv(timeout_ms=100)
+            if f is not None and f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02":
+                reply = f
+                break
+        assert reply is not None, "no ARP reply from the namespace"
+        assert reply[28:32] == bytes([10, 77, 0, 1]) and reply[0:6] == a.mac
+        assert net.switch.stats(up).tx_frames >= 1
+    finally:
+        if up is not None:
+            net.switch.remove(up)  # before its fd is closed and its number reused
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        os.close(fd)
+    assert not Path(f"/sys/class/net/{tap}").exists()
