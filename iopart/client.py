@@ -311,6 +311,48 @@ class NicEndpoint:
         return self._frames.pop(0)
 
 
+NIC_BUF = int(lib.IOP_NIC_BUF)
+
+
+class NicLoops:
+    """Native NIC loops on a raw client end (no buffers posted by Python): round trips,
+    echo, blast and the TAP bridge. Each loop owns its buffer area while it runs."""
+
+    def __init__(self, end: ChannelEnd, memory: GuestMemory, mac: bytes, nbufs: int = 64) -> None:
+        self.end, self.memory, self.mac, self.nbufs = end, memory, mac, nbufs
+        self.buf = memory.alloc(nbufs * NIC_BUF)
+        self._base = ffi.cast("uint8_t *", memory.base)
+
+    def pingpong(self, dst: bytes, frame_len: int, n: int, timeout_ms: int = 5000) -> list[int]:
+        lat = ffi.new("uint64_t[]", max(n, 1))
+        check(int(lib.iop_nic_pingpong(self.end.handle, self._base, self.buf.prpa, self.nbufs,
+                                       self.mac, dst, frame_len, n, lat, timeout_ms)),
+              "nic round trips")
+        return list(lat)[:n]
+
+    def echo(self, n: int, stop: Any = ffi.NULL, reply: bool = True,
+             timeout_ms: int = 10_000) -> int:
+        return check(int(lib.iop_nic_echo(self.end.handle, self._base, self.buf.prpa,
+                                          self.nbufs, self.mac, int(reply), n, stop,
+                                          timeout_ms)), "nic echo")
+
+    def blast(self, dst: bytes, frame_len: int, n: int,
+              timeout_ms: int = 10_000) -> tuple[int, int]:
+        """(frames accepted, ns) for n frames sent as fast as the switch takes them."""
+        el = ffi.new("uint64_t *")
+        got = check(int(lib.iop_nic_blast(self.end.handle, self._base, self.buf.prpa,
+                                          self.nbufs, self.mac, dst, frame_len, n, el,
+                                          timeout_ms)), "nic blast")
+        return got, int(el[0])
+
+    def bridge(self, tap_fd: int, stop_fd: int, spin_ns: int = 50_000) -> list[int]:
+        """Run the TAP bridge until stop_fd is readable; its four counters."""
+        c = ffi.new("uint64_t[4]")
+        check(int(lib.iop_nic_bridge(self.end.handle, self._base, self.buf.prpa, self.nbufs,
+                                     tap_fd, stop_fd, spin_ns, c)), "nic bridge")
+        return list(c)
+
+
 _OPS = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush"}
 SECTOR = 512
 

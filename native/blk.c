@@ -349,7 +349,7 @@ static void sleep_all(struct iop_blk_server *s)
         struct ep *e = &s->eps[i];
         if (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE) != EP_ACTIVE || iop_chan_broken(e->ch))
             continue;
-        if (iop_chan_tx_free(e->ch) <= e->inflight) {
+        if (iop_chan_tx_room(e->ch) <= e->inflight) {
             /* its client is not taking responses: its requests wait, and so does it */
             held = 1;
             continue;
@@ -406,7 +406,7 @@ static void *server_main(void *arg)
                 continue;
             }
             for (uint32_t n = 0; n < s->cfg.batch; n++) {
-                if (iop_chan_tx_free(e->ch) <= e->inflight || s->free_head < 0)
+                if (iop_chan_tx_room(e->ch) <= e->inflight || s->free_head < 0)
                     break;
                 if (s->uring && io_uring_sq_space_left(&s->ring) == 0) {
                     io_uring_submit(&s->ring);

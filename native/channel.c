@@ -271,6 +271,19 @@ static int rx_refresh(struct iop_chan *ch)
     return prod != ch->rx_cons;
 }
 
+uint32_t iop_chan_tx_room(struct iop_chan *ch)
+{
+    /* tx_free trusts its cached consumer index until the ring looks full; a server
+     * deciding whether to take a request must see the consumer's real progress */
+    uint32_t cons = __atomic_load_n(&ch->tx->cons, __ATOMIC_ACQUIRE);
+    if ((uint32_t)(cons - ch->tx_cons_cache) > (uint32_t)(ch->tx_prod - ch->tx_cons_cache)) {
+        mark_broken(ch, "peer consumer index ahead of producer");
+        return 0;
+    }
+    ch->tx_cons_cache = cons;
+    return ch->nslots - (ch->tx_prod - cons);
+}
+
 int iop_chan_arm(struct iop_chan *ch)
 {
     if (ch->broken)

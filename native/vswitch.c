@@ -345,7 +345,7 @@ static void sleep_all(struct iop_vswitch *s)
         }
         if (iop_chan_broken(p->ch))
             continue;
-        if (iop_chan_tx_free(p->ch) <= p->rx_count) {
+        if (iop_chan_tx_room(p->ch) <= p->rx_count) {
             held = 1;
             continue;
         }
@@ -408,7 +408,7 @@ static void *vswitch_main(void *arg)
             }
             for (uint32_t k = 0; k < s->cfg.batch; k++) {
                 /* room for every posted buffer's response and this request's */
-                if (iop_chan_tx_free(p->ch) <= p->rx_count)
+                if (iop_chan_tx_room(p->ch) <= p->rx_count)
                     break;
                 if (iop_chan_pop(p->ch, &d))
                     break;

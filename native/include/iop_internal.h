@@ -30,6 +30,8 @@ void iop_chan_sync_counters(struct iop_chan *ch);
  * 1 when work is already there (do not sleep), 0 when armed, -EPROTO. */
 int iop_chan_arm(struct iop_chan *ch);
 int iop_chan_wait_fd(const struct iop_chan *ch);
+/* Free response slots with the consumer index read fresh (servers' admission check). */
+uint32_t iop_chan_tx_room(struct iop_chan *ch);
 
 static inline void iop_cpu_relax(void)
 {
