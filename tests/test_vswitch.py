@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from iopart._native import ffi
 from iopart.channels import Channel, ChannelGeometry, Region, RegionTable, Role
 from iopart.channels.channel import ChannelEnd
-from iopart._native import ffi
 from iopart.client import GuestMemory, NicEndpoint, NicLoops
 from iopart.drivers.vswitch import SwitchConfig, VSwitch, guest_mac
 from iopart.pool import HostMemoryPool
