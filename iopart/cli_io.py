@@ -161,8 +161,18 @@ def cmd_guest_run(args: argparse.Namespace) -> int:
                 else:
                     assign["size_mib"] = args.disk_size
                 cli._rpc(args, "disk.assign", **assign)
+        nic = args.nic if args.nic is not None else ("nic0" if args.netns else "")
+        if nic:
+            nics = {d["name"]: d for d in cli._rpc(args, "nic.list")["nics"]}
+            if nic not in nics:
+                raise IopartError(f"no NIC named {nic!r} (see `iopart nic list`)",
+                                  errno=errno.ENOENT)
+            if args.name not in nics[nic]["assigned"]:
+                cli._rpc(args, "disk.assign", device=nic, partition=args.name, mode="shared")
         argv = [sys.executable, "-m", "monitor_stubs.stub", "--state-dir", state,
-                "--name", args.name, *(["--direct"] if args.direct else []), "--", *prog]
+                "--name", args.name, *(["--direct"] if args.direct else []),
+                *(["--netns"] if args.netns else []), *(["--ip", args.ip] if args.ip else []),
+                "--", *prog]
         proc = subprocess.Popen(argv)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda s, _f: proc.send_signal(s))
@@ -175,7 +185,63 @@ def cmd_guest_run(args: argparse.Namespace) -> int:
                 print(f"iopart: could not destroy {args.name}: {exc}", file=sys.stderr)
 
 
+def cmd_nic(args: argparse.Namespace) -> int:
+    from iopart import cli
+
+    if args.action == "list":
+        doc = cli._rpc(args, "nic.list")
+
+        def show(d: dict[str, Any]) -> None:
+            t = Table(title="NICs")
+            for col in ("name", "server", "uplink", "assigned", "tx frames", "rx frames",
+                        "dropped"):
+                t.add_column(col)
+            for n in d["nics"]:
+                up = n.get("uplink", {})
+                st = up.get("stats", {})
+                t.add_row(n["name"], n["server"],
+                          f"{up.get('kind', '?')} {up.get('interface', n['path'])}",
+                          ", ".join(sorted(n["assigned"])), str(st.get("tx_frames", "")),
+                          str(st.get("rx_frames", "")), str(st.get("rx_dropped", "")))
+            cli.out.print(t)
+            if d["ports"]:
+                p = Table(title="guest NIC ports (live)")
+                for col in ("partition", "nic", "mac", "tx", "rx", "rx dropped", "refused"):
+                    p.add_column(col)
+                for x in d["ports"]:
+                    s = x["stats"]
+                    p.add_row(x["partition"], x["device"], x["mac"], str(s["tx_frames"]),
+                              str(s["rx_frames"]), str(s["rx_dropped"]),
+                              str(s["spoofed"] + s["refused"] + s["runts"] + s["oversize"]))
+                cli.out.print(p)
+
+        return cli._emit(args, doc, show)
+    if args.action == "add":
+        path = f"packet:{args.interface}" if args.interface else f"veth:{args.veth}"
+        doc = cli._rpc(args, "nic.add", name=args.name, path=path, server=args.server)
+        return cli._emit(args, doc, lambda d: cli.out.print(
+            f"added {d['nic']['name']} ({d['nic']['path']}) on {d['nic']['server']}"))
+    doc = cli._rpc(args, "nic.remove", name=args.name)
+    return cli._emit(args, doc, lambda d: cli.out.print(f"removed {d['removed']}"))
+
+
 def add_parsers(sub: Any, common: argparse.ArgumentParser, st: argparse.ArgumentParser) -> None:
+    nk = sub.add_parser("nic", help="NICs the I/O partitions switch guests onto")
+    nsub = nk.add_subparsers(dest="action", metavar="ACTION")
+    nsub.required = True
+    na = nsub.add_parser("add", parents=[st], help="add an uplink: an existing interface "
+                         "(AF_PACKET) or a veth pair into a namespace of its own")
+    na.add_argument("name")
+    how = na.add_mutually_exclusive_group(required=True)
+    how.add_argument("--interface", help="an existing interface of this host, e.g. eth1")
+    how.add_argument("--veth", metavar="ADDR/PREFIX",
+                     help="a veth pair whose far end has this address in its own namespace")
+    na.add_argument("--server", default="iop-a", help="I/O partition serving it (default iop-a)")
+    nsub.add_parser("list", parents=[st], help="NICs, uplinks, live guest ports")
+    nsub.add_parser("remove", parents=[st], help="remove a NIC assigned to nobody"
+                    ).add_argument("name")
+    nk.set_defaults(func=cmd_nic)
+
     h = sub.add_parser("hw", parents=[common], help="block and network devices of this host "
                        "(sysfs, through pyudev)")
     h.set_defaults(func=cmd_hw)
@@ -227,11 +293,21 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, st: argparse.Argument
                     help="rw: a range nobody else writes (default); shared: writable, may "
                     "overlap other shared ranges; ro: read-only")
     gr.add_argument("--direct", action="store_true", help="disk I/O with O_DIRECT")
+    gr.add_argument("--nic", help="NIC to attach (default: nic0 with --netns, else none)")
+    gr.add_argument("--netns", action="store_true",
+                    help="run the program in a network namespace of its own whose TAP is "
+                    "bridged to the guest's NIC: unmodified programs (ping, socat, iperf3) "
+                    "use the shared NIC; such programs are exec'd and get no disk")
+    gr.add_argument("--ip", metavar="ADDR/PREFIX",
+                    help="address of the guest's interface in its namespace, e.g. "
+                    "10.78.0.2/24 (the default uplink's far end is 10.78.0.1)")
     gr.add_argument("--rm", action="store_true", default=None,
                     help="destroy the partition when the program ends (default: only when "
                     "this run created it)")
     gr.add_argument("--keep", dest="rm", action="store_false",
                     help="keep a partition this run created")
     gr.add_argument("program", nargs="*",
-                    help="-- python3 SCRIPT [ARGS] | python3 -m MODULE | python3 -c CODE")
+                    help="-- python3 SCRIPT [ARGS] | python3 -m MODULE | python3 -c CODE "
+                    "(run in the monitor's image: disks and NICs through iopart.client), or "
+                    "any program (exec'd: network namespace and CPU share only)")
     g.set_defaults(func=cmd_guest_run)

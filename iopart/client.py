@@ -365,14 +365,31 @@ def _sectors(offset: int, length: int) -> tuple[int, int]:
 # -- what the monitor stub attached for the guest code in this process
 _memory: GuestMemory | None = None
 _disks: dict[str, DiskEndpoint] = {}
+_nics: dict[str, NicEndpoint] = {}
 
 
-def attach(memory: GuestMemory, disks: dict[str, DiskEndpoint]) -> None:
+def attach(memory: GuestMemory, disks: dict[str, DiskEndpoint],
+           nics: dict[str, NicEndpoint] | None = None) -> None:
     """Called by the monitor stub before guest code runs."""
     global _memory
     _memory = memory
     _disks.clear()
     _disks.update(disks)
+    _nics.clear()
+    _nics.update(nics or {})
+
+
+def open_nic(name: str | None = None) -> NicEndpoint:
+    """The NIC endpoint `name` (default: the first one) of this guest."""
+    if not _nics:
+        raise IopartError("this guest has no NIC endpoint (assign one: `iopart guest run "
+                          "--nic nic0`)", errno=errno.ENODEV)
+    if name is None:
+        return _nics[sorted(_nics)[0]]
+    if name not in _nics:
+        raise IopartError(f"no NIC endpoint {name!r}; this guest has {', '.join(_nics)}",
+                          errno=errno.ENOENT)
+    return _nics[name]
 
 
 def memory() -> GuestMemory:

@@ -109,6 +109,9 @@ class CommandPartition:
             "disk.remove": self.disk_remove,
             "disk.assign": self.disk_assign,
             "disk.unassign": self.disk_unassign,
+            "nic.add": self.nic_add,
+            "nic.list": self.nic_list,
+            "nic.remove": self.disk_remove,
             "audit.list": self.audit_list,
             "audit.show": self.audit_show,
         }
@@ -339,6 +342,33 @@ class CommandPartition:
         servers = {d["server"] for d in disks}
         endpoints = [e for s in sorted(servers) for e in self._io_report(s).get("endpoints", [])]
         return {"disks": disks, "endpoints": endpoints}
+
+    def nic_add(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.uv()
+        server = a.get("server", "iop-a")
+        srv = self.copy["partitions"].get(server)
+        if srv is None or srv["kind"] != "io":
+            raise RpcError(POLICY, f"{server!r} is not an I/O partition",
+                           {"field": "server", "errno": errno.ENOENT})
+        kind, _, arg = a["path"].partition(":")
+        if kind not in ("veth", "packet") or (kind == "packet" and not arg):
+            raise RpcError(POLICY, "a NIC is veth[:ADDR/PREFIX] or packet:IFNAME",
+                           {"field": "path", "errno": errno.EINVAL})
+        reply = self.transact([{"op": "add_device", "name": a["name"], "kind": "nic",
+                                "path": a["path"], "server": server}])
+        return {"tx": reply["tx"], "nic": self.copy["devices"][a["name"]]}
+
+    def nic_list(self, _: dict[str, Any]) -> dict[str, Any]:
+        self.refresh_if_up()
+        nics = [dict(d) for d in self.copy.get("devices", {}).values() if d["kind"] == "nic"]
+        ports: list[dict[str, Any]] = []
+        for srv in sorted({d["server"] for d in nics}):
+            rep = self._io_report(srv)
+            ports += rep.get("nic_ports", [])
+            for d in nics:
+                if d["server"] == srv and d["name"] in rep.get("uplinks", {}):
+                    d["uplink"] = rep["uplinks"][d["name"]]
+        return {"nics": nics, "ports": ports}
 
     def disk_remove(self, a: dict[str, Any]) -> dict[str, Any]:
         self.uv()

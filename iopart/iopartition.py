@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import mmap
@@ -63,6 +64,8 @@ from iopart.drivers.blockserver import (
     hist_bounds_ns,
 )
 from iopart.drivers.disk import Disk, DiskError, create_image
+from iopart.drivers.nic import NicError, PacketUplink, VethUplink
+from iopart.drivers.vswitch import PortStats, SwitchConfig, VSwitch, format_mac, guest_mac
 from iopart.errors import IopartError
 from iopart.pool import Extent as PoolExtent
 from iopart.pool import PoolArea
@@ -72,6 +75,10 @@ log = logging.getLogger("iopart.iopartition")
 DISK_CHANNEL_SLOTS = 128
 DISK_CHANNEL_TYPE = uuid.UUID("6f2c1d0e-4b7a-4e51-9a0c-10a0c0de0010")
 DEFAULT_DISK = "disk0"
+DEFAULT_NIC = "nic0"
+DEFAULT_UPLINK_ADDRESS = "10.78.0.1/24"  # the far end of the default veth, in its own netns
+NIC_CHANNEL_SLOTS = 256
+NIC_CHANNEL_TYPE = uuid.UUID("6f2c1d0e-4b7a-4e51-9a0c-10a0c0de0020")
 _MSG = 4096
 
 
@@ -93,11 +100,20 @@ class Endpoint:
     conn: socket.socket
     channel: Channel
     end: ChannelEnd
+    kind: str = "disk"
+    mac: str = ""
 
     def describe(self, stats: EndpointStats) -> dict[str, Any]:
         return {"endpoint": self.ep, "partition": self.partition, "device": self.device,
                 "offset": self.extent.base, "size": self.extent.size, "mode": self.mode,
                 "direct": self.direct, "monitor_pid": self.pid, "stats": stats.to_dict()}
+
+    def describe_nic(self, stats: PortStats) -> dict[str, Any]:
+        return {"port": self.ep, "partition": self.partition, "device": self.device,
+                "mac": self.mac, "monitor_pid": self.pid, "stats": stats.to_dict()}
+
+
+Uplink = VethUplink | PacketUplink
 
 
 class IoPartition:
@@ -119,6 +135,9 @@ class IoPartition:
         self.area = PoolArea(self.pool, pool_fd, PoolExtent(int(off), int(length)))
         self.dtab = DescriptorReader(descriptor_fd(state_dir))
         self.server = BlockServer(self.pool, ServerConfig(engine=engine, spin_ns=spin_ns))
+        self.switch = VSwitch(self.pool, SwitchConfig(spin_ns=spin_ns))
+        self.uplinks: dict[str, tuple[Uplink, int]] = {}  # device -> uplink, switch port
+        self.failed_nics: set[str] = set()
         self.disks: dict[str, Disk] = {}
         self.endpoints: dict[int, Endpoint] = {}  # by connection fd
         self.refused_attaches = 0
@@ -166,6 +185,76 @@ class IoPartition:
             if exc.errno != errno.EEXIST:
                 raise
 
+    def ensure_nics(self) -> None:
+        """Open the uplinks of our NICs; with none in the database, make the default one:
+        a veth pair whose far end sits in a namespace of its own."""
+        devices = self.snapshot()["devices"]
+        ours = {n: d for n, d in devices.items() if d["server"] == self.name
+                and d["kind"] == "nic"}
+        if not ours:
+            ours = {DEFAULT_NIC: {"path": "veth"}}
+            try:
+                self.link.transact([{"op": "add_device", "name": DEFAULT_NIC, "kind": "nic",
+                                     "path": "veth", "server": self.name}])
+            except UltravisorError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+        self.sync_nics(ours)
+
+    def sync_nics(self, ours: dict[str, Any] | None = None) -> None:
+        """Open the uplinks of NICs added since, close those of NICs removed."""
+        if ours is None:
+            ours = {n: d for n, d in self.snapshot()["devices"].items()
+                    if d["server"] == self.name and d["kind"] == "nic"}
+        for name in sorted(set(self.uplinks) - set(ours)):
+            up, port = self.uplinks.pop(name)
+            self.switch.remove(port)
+            up.close()
+            log.info("NIC %s removed", name)
+        for name, d in sorted(ours.items()):
+            if name in self.uplinks or name in self.failed_nics:
+                continue
+            try:
+                self.open_uplink(name, d["path"])
+            except (IopartError, OSError) as exc:
+                self.failed_nics.add(name)
+                log.error("NIC %s (%s) not available: %s", name, d["path"], exc)
+
+    def open_uplink(self, name: str, path: str) -> None:
+        tag = hashlib.sha1(f"{self.state_dir.resolve()}/{name}".encode()).hexdigest()[:6]
+        kind, _, arg = path.partition(":")
+        up: Uplink
+        if kind == "veth":
+            up = VethUplink.create(tag, arg or DEFAULT_UPLINK_ADDRESS)
+        elif kind == "packet":
+            up = PacketUplink.create(arg)
+        else:
+            raise NicError(f"NIC path {path!r}: say veth[:ADDRESS/PREFIX] or packet:IFNAME",
+                           errno=errno.EINVAL)
+        port = self.switch.add_uplink(up.fileno())
+        self.uplinks[name] = (up, port)
+        log.info("NIC %s: %s, switch port %d", name, up.describe(), port)
+
+    def attach_nic(self, conn: socket.socket, pid: int, part: str, dev: str, index: int,
+                   mode: str) -> Endpoint:
+        mac = guest_mac(index)
+        ch = Channel(self.area, ChannelGeometry(nslots=NIC_CHANNEL_SLOTS, slot_size=128),
+                     type_uuid=NIC_CHANNEL_TYPE)
+        end = ch.end(Role.SERVER)
+        try:
+            port = self.switch.add_guest(end, self.dtab.xlate_table(index), mac)
+        except IopartError:
+            end.close()
+            ch.close()
+            raise
+        e = Endpoint(port, part, dev, Extent(0, 0), mode, False, pid, conn, ch, end, "nic",
+                     format_mac(mac))
+        conn.send(json.dumps({"ok": True, "kind": "nic", "port": port, "mac": e.mac,
+                              "mtu": 1500, "mode": mode, "server": self.name}).encode())
+        offer_channel(conn, ch, Role.CLIENT)
+        log.info("%s attached %s as switch port %d, MAC %s", part, dev, port, e.mac)
+        return e
+
     def disk(self, name: str, path: str) -> Disk:
         d = self.disks.get(name)
         if d is None or d.path != path:
@@ -186,15 +275,17 @@ class IoPartition:
                               errno=errno.EPERM)
         snap = self.snapshot()
         d = snap["devices"].get(dev)
-        if d is None or d["kind"] != "disk":
-            raise AttachError(f"no disk named {dev!r}", errno=errno.ENOENT)
+        if d is None:
+            raise AttachError(f"no device named {dev!r}", errno=errno.ENOENT)
         if d["server"] != self.name:
-            raise AttachError(f"disk {dev!r} is served by {d['server']}, not {self.name}",
+            raise AttachError(f"{dev!r} is served by {d['server']}, not {self.name}",
                               errno=errno.EXDEV)
         mode = d["assigned"].get(part)
         if mode is None:
-            raise AttachError(f"disk {dev!r} is not assigned to {part!r}", errno=errno.EACCES)
+            raise AttachError(f"{dev!r} is not assigned to {part!r}", errno=errno.EACCES)
         index = snap["partitions"][part]["index"]
+        if d["kind"] == "nic":
+            return self.attach_nic(conn, pid, part, dev, index, mode)
         disk = self.disk(dev, d["path"])
         off, length = d["extents"].get(part, [0, 0])
         extent = Extent(int(off), int(length) or disk.size - int(off))
@@ -241,20 +332,32 @@ class IoPartition:
     def detach(self, e: Endpoint) -> None:
         self.sel.unregister(e.conn)
         self.endpoints.pop(e.conn.fileno(), None)
-        st = self.server.remove(e.ep)
+        if e.kind == "nic":
+            ps = self.switch.remove(e.ep)
+            what = f"{ps.tx_frames} frames sent, {ps.rx_frames} received, {ps.rx_dropped} " \
+                   f"dropped, {ps.spoofed + ps.refused + ps.runts + ps.oversize} refused"
+        else:
+            st = self.server.remove(e.ep)
+            what = f"{st.reads} reads, {st.writes} writes, {st.refused} refused"
         e.end.close()
         e.channel.close()
         e.conn.close()
-        log.info("%s detached %s: %d reads, %d writes, %d refused", e.partition, e.device,
-                 st.reads, st.writes, st.refused)
+        log.info("%s detached %s: %s", e.partition, e.device, what)
 
     # -- counters
     def report(self) -> dict[str, Any]:
-        eps = [e.describe(self.server.stats(e.ep)) for e in self.endpoints.values()]
+        eps = [e.describe(self.server.stats(e.ep)) for e in self.endpoints.values()
+               if e.kind == "disk"]
+        nics = [e.describe_nic(self.switch.stats(e.ep)) for e in self.endpoints.values()
+                if e.kind == "nic"]
+        uplinks = {n: {**u.describe(), "port": p, "stats": self.switch.stats(p).to_dict()}
+                   for n, (u, p) in self.uplinks.items()}
         return {"name": self.name, "pid": os.getpid(), "engine": self.server.config.engine.name,
                 "metrics_url": self.metrics_url, "updated": time.time(),
                 "disks": {n: d.info().to_dict() for n, d in self.disks.items()},
                 "endpoints": sorted(eps, key=lambda x: x["endpoint"]),
+                "nic_ports": sorted(nics, key=lambda x: x["port"]), "uplinks": uplinks,
+                "switch": self.switch.switch_stats(),
                 "refused_attaches": self.refused_attaches,
                 "server": self.server.server_stats()}
 
@@ -267,6 +370,7 @@ class IoPartition:
     # -- main loop
     def run(self) -> None:
         self.ensure_default_disk()
+        self.ensure_nics()
         self.start_metrics()
         self.sock_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -291,6 +395,8 @@ class IoPartition:
                         log.warning("the ultravisor is gone: stopping")
                         self.running = False
                 if time.monotonic() >= next_report:
+                    with contextlib.suppress(IopartError):
+                        self.sync_nics()
                     write_json_atomic(stats_path, self.report())
                     next_report = time.monotonic() + 1.0
         finally:
@@ -300,6 +406,9 @@ class IoPartition:
             self.sock_path.unlink(missing_ok=True)
             stats_path.unlink(missing_ok=True)
             self.server.stop()
+            self.switch.stop()
+            for up, _port in self.uplinks.values():
+                up.close()
             for d in self.disks.values():
                 d.close()
             self.link.close()
@@ -325,7 +434,7 @@ class EndpointCollector(Collector):
         lat = HistogramMetricFamily("iopart_disk_latency_seconds",
                                     "Server-side request latency", labels=labels)
         bounds = [b / 1e9 for b in hist_bounds_ns()]
-        for e in list(self.iop.endpoints.values()):
+        for e in [e for e in list(self.iop.endpoints.values()) if e.kind == "disk"]:
             st = self.iop.server.stats(e.ep)
             lv = [self.iop.name, e.partition, e.device]
             for op, n, b in (("read", st.reads, st.bytes_read), ("write", st.writes,
@@ -344,6 +453,22 @@ class EndpointCollector(Collector):
             buckets[-1] = ("+Inf", cum)
             lat.add_metric(lv, buckets, st.lat_sum_ns / 1e9)
         yield from (ops, nbytes, errs, refused, inflight, lat)
+        nl = ["io_partition", "partition", "device"]
+        frames = CounterMetricFamily("iopart_nic_frames", "Frames through a switch port",
+                                     labels=[*nl, "direction"])
+        drops = CounterMetricFamily("iopart_nic_dropped", "Frames dropped or refused",
+                                    labels=[*nl, "reason"])
+        ports = [(e.partition, e.device, e.ep) for e in list(self.iop.endpoints.values())
+                 if e.kind == "nic"]
+        ports += [("uplink", n, p) for n, (_u, p) in list(self.iop.uplinks.items())]
+        for part, dev, port in ports:
+            ps = self.iop.switch.stats(port)
+            lv = [self.iop.name, part, dev]
+            frames.add_metric([*lv, "tx"], ps.tx_frames)
+            frames.add_metric([*lv, "rx"], ps.rx_frames)
+            for reason in ("rx_dropped", "spoofed", "runts", "oversize", "refused"):
+                drops.add_metric([*lv, reason], getattr(ps, reason))
+        yield from (frames, drops)
 
 
 def main() -> None:

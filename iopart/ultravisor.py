@@ -250,7 +250,8 @@ class Ultravisor:
         if not regions:
             conn.sendall(json.dumps({"error": f"guest {name!r} has no memory"}).encode())
             return
-        disks = [{"device": d.name, "server": d.server, "mode": d.assigned[name]}
+        disks = [{"device": d.name, "kind": d.kind, "server": d.server,
+                  "mode": d.assigned[name]}
                  for d in self.db.devices.values() if name in d.assigned]
         body = json.dumps({"partition": name, "index": p.index, "cpu": p.cpu,
                            "regions": [r.__dict__ for r in regions], "disks": disks}).encode()

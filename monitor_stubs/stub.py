@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -35,9 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pyroute2 import netns
+
 from iopart.channels.handoff import AcceptedChannel, accept_channel
 from iopart.channels.xlate import Region
-from iopart.client import DiskEndpoint, GuestMemory, attach
+from iopart.client import DiskEndpoint, GuestMemory, NicEndpoint, NicLoops, attach
+from iopart.drivers.nic import configure, move_to_netns, open_tap, remove_netns
+from iopart.drivers.vswitch import parse_mac
 from iopart.errors import ChannelError, IopartError
 from iopart.uvlink import request_fd
 from monitor_stubs.seccomp_policy import (
@@ -48,6 +54,8 @@ from monitor_stubs.seccomp_policy import (
 
 log = logging.getLogger("iopart.monitor")
 _MSG = 65536
+CLONE_NEWNET = 0x40000000
+libc = ctypes.CDLL(None, use_errno=True)
 ATTACH_WAIT_S = 15.0
 
 
@@ -69,8 +77,9 @@ def take_memory(state_dir: Path, name: str) -> tuple[GuestMemory, dict[str, Any]
     return memory, info
 
 
-def attach_disk(state_dir: Path, name: str, disk: dict[str, Any], memory: GuestMemory,
-                direct: bool) -> tuple[DiskEndpoint, AcceptedChannel, socket.socket]:
+def attach_device(state_dir: Path, name: str, disk: dict[str, Any],
+                  direct: bool) -> tuple[dict[str, Any], AcceptedChannel, socket.socket]:
+    """Attach one assigned device at its I/O partition: its reply and channel end."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(10)
@@ -99,9 +108,47 @@ def attach_disk(state_dir: Path, name: str, disk: dict[str, Any], memory: GuestM
     except IopartError:
         sock.close()
         raise
-    ep = DiskEndpoint(acc.end, memory, int(reply["size"]), disk["device"],
-                      reply["mode"] == "ro")
-    return ep, acc, sock
+    return reply, acc, sock
+
+
+class GuestNetns:
+    """The guest's network namespace: a TAP carrying the guest's MAC, bridged by a
+    native loop in the monitor to the guest's switch port, so unmodified programs
+    (ping, socat, iperf3) in the namespace use the shared NIC."""
+
+    def __init__(self, guest: str, mac: str, address: str | None) -> None:
+        tag = hashlib.sha1(guest.encode()).hexdigest()[:8]
+        self.ns, self.tap = f"iopart-g-{guest}"[:40], f"iot{tag}"
+        remove_netns(self.ns)
+        netns.create(self.ns)
+        try:
+            self.tap_fd = open_tap(self.tap)
+            move_to_netns(self.tap, self.ns)
+            configure(self.ns, self.tap, address, mac)
+        except Exception:
+            remove_netns(self.ns)
+            raise
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.counters: list[int] = []
+        self.thread: threading.Thread | None = None
+
+    def start_bridge(self, loops: NicLoops) -> None:
+        def run() -> None:
+            self.counters = loops.bridge(self.tap_fd, self.stop_fd)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def ns_fd(self) -> int:
+        return os.open(f"/run/netns/{self.ns}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.thread is not None:
+            os.eventfd_write(self.stop_fd, 1)
+            self.thread.join(5)
+        os.close(self.stop_fd)
+        os.close(self.tap_fd)
+        remove_netns(self.ns)
 
 
 def run_program(argv: list[str]) -> int:
@@ -137,16 +184,20 @@ def run_program(argv: list[str]) -> int:
     return 0
 
 
-def check_program(argv: list[str]) -> None:
-    if not argv or not Path(argv[0]).name.startswith("python"):
-        raise MonitorError(
-            "a process guest runs a Python program inside its monitor (an exec would drop "
-            "the partition's memory map): give `python3 SCRIPT`, `python3 -m MODULE` or "
-            f"`python3 -c CODE`, got {' '.join(argv) or 'nothing'}", errno=errno.EINVAL)
+def is_python(argv: list[str]) -> bool:
+    return bool(argv) and Path(argv[0]).name.startswith("python")
 
 
-def guest_main(argv: list[str], keep: list[int], report: socket.socket) -> int:
-    """In the forked guest: shed fds, load the filter, run the program."""
+def guest_main(argv: list[str], keep: list[int], report: socket.socket, ns_fd: int) -> int:
+    """In the forked guest: enter its namespace, shed fds, load the filter, run the
+    program: Python in this process image (the memory map and channels stay), anything
+    else by exec (it keeps the network namespace and the CPU share, not the channels)."""
+    if ns_fd >= 0:
+        if libc.setns(ns_fd, CLONE_NEWNET) != 0:
+            print(f"monitor: cannot enter the guest's namespace: "
+                  f"{os.strerror(ctypes.get_errno())}", file=sys.stderr)
+            return 1
+        os.close(ns_fd)
     keep_set = sorted({0, 1, 2, report.fileno(), *keep})
     lo = 0
     for fd in keep_set:
@@ -156,7 +207,13 @@ def guest_main(argv: list[str], keep: list[int], report: socket.socket) -> int:
     os.closerange(lo, 65536)
     install_guest_filter(report)
     report.close()
-    return run_program(argv)
+    if is_python(argv):
+        return run_program(argv)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"monitor: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+    return 127
 
 
 def main(args: list[str] | None = None) -> int:
@@ -164,23 +221,47 @@ def main(args: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--name", required=True, help="the guest partition")
     p.add_argument("--direct", action="store_true", help="disk I/O with O_DIRECT")
+    p.add_argument("--netns", action="store_true",
+                   help="a network namespace with a TAP bridged to the guest's NIC")
+    p.add_argument("--ip", help="address/prefix of the TAP in the namespace")
     p.add_argument("program", nargs=argparse.REMAINDER)
     a = p.parse_args(args)
     prog = a.program[1:] if a.program[:1] == ["--"] else a.program
     logging.basicConfig(level=logging.INFO, format="%(asctime)s monitor %(message)s")
+    if not prog:
+        print("iopart monitor: no guest program given", file=sys.stderr)
+        return 2
+    held: list[tuple[AcceptedChannel, socket.socket]] = []
+    space: GuestNetns | None = None
     try:
-        check_program(prog)
         memory, info = take_memory(a.state_dir, a.name)
         disks: dict[str, DiskEndpoint] = {}
-        held: list[tuple[AcceptedChannel, socket.socket]] = []
+        nics: dict[str, NicEndpoint] = {}
         for d in info.get("disks", []):
-            ep, acc, sock = attach_disk(a.state_dir, a.name, d, memory, a.direct)
-            disks[ep.name] = ep
+            reply, acc, sock = attach_device(a.state_dir, a.name, d, a.direct)
             held.append((acc, sock))
-    except IopartError as exc:
-        print(f"iopart monitor: {exc.message}", file=sys.stderr)
+            if reply.get("kind") == "nic":
+                mac = parse_mac(reply["mac"])
+                if a.netns and space is None:
+                    space = GuestNetns(a.name, reply["mac"], a.ip)
+                    space.start_bridge(NicLoops(acc.end, memory, mac))
+                else:
+                    nics[d["device"]] = NicEndpoint(acc.end, memory, mac, name=d["device"])
+            else:
+                disks[d["device"]] = DiskEndpoint(acc.end, memory, int(reply["size"]),
+                                                  d["device"], reply["mode"] == "ro")
+        if a.netns and space is None:
+            raise MonitorError(f"--netns needs a NIC assigned to {a.name}", errno=errno.EINVAL)
+    except (IopartError, OSError) as exc:
+        print(f"iopart monitor: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        for acc, sock in held:
+            acc.close()
+            sock.close()
+        if space is not None:
+            space.close()
         return 1
     keep = [fd for acc, _s in held for fd in (acc.doorbells.req, acc.doorbells.rsp)]
+    ns_fd = space.ns_fd() if space is not None else -1
     mon_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -191,13 +272,17 @@ def main(args: list[str] | None = None) -> int:
             mon_sock.close()
             for fd in keep:
                 os.set_inheritable(fd, True)
-            attach(memory, disks)
-            code = guest_main(prog, keep, guest_sock)
+            attach(memory, disks, nics)
+            if ns_fd >= 0:
+                os.set_inheritable(ns_fd, True)
+            code = guest_main(prog, keep, guest_sock, ns_fd)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
     guest_sock.close()
+    if ns_fd >= 0:
+        os.close(ns_fd)
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
     signal.signal(signal.SIGINT, lambda *_: os.kill(pid, signal.SIGINT))
     stop = threading.Event()
@@ -217,6 +302,10 @@ def main(args: list[str] | None = None) -> int:
         if refused:
             log.warning("guest %s: refused calls %s", a.name, refused)
         handler.close()
+    if space is not None:
+        space.close()
+        log.info("guest %s: bridge to the switch %d frames, to the TAP %d", a.name,
+                 *(space.counters[:2] or [0, 0]))
     for acc, sock in held:
         acc.close()
         sock.close()

@@ -131,13 +131,14 @@ def test_guest_run_refuses_what_does_not_exist(stack: Stack, tmp_path: Path) -> 
     res = guest(stack, "nodisk", prog, "--disk", "nosuchdisk")
     assert res.returncode == 2
     assert "no disk named 'nosuchdisk'" in res.stderr
-    res = cli("guest", "run", "bad", *stack.sd(), "--", "/bin/true")
-    assert res.returncode != 0
-    assert "Python program" in res.stderr
+    res = cli("guest", "run", "bad", *stack.sd(), "--", "/nonexistent/prog")
+    assert res.returncode == 127 and "cannot run /nonexistent/prog" in res.stderr
+    res = cli("guest", "run", "nonic", *stack.sd(), "--nic", "nosuchnic", "--", "true")
+    assert res.returncode == 2 and "no NIC named 'nosuchnic'" in res.stderr
     res = cli("guest", "run", "x", *stack.sd(), "--memory", "12Q", "--", "python3", "-c", "1")
     assert res.returncode == 2 and "not a size" in res.stderr
     parts = stack.call("partition.list")["partitions"]
-    assert not [p for p in parts if p["name"] in ("nodisk", "bad", "x")]
+    assert not [p for p in parts if p["name"] in ("nodisk", "bad", "x", "nonic")]
 
 
 def test_disk_commands_assign_ranges_and_refuse_clashes(stack: Stack, tmp_path: Path) -> None:

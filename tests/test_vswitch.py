@@ -287,3 +287,34 @@ def test_native_round_trips_and_blast_between_two_guests(net: Net) -> None:
     # the sender outruns a receiver with 128 buffers: the rest is dropped and counted
     assert (sb2.rx_frames - sb.rx_frames) + (sb2.rx_dropped - sb.rx_dropped) == 20000
     assert seen[0] == sb2.rx_frames - sb.rx_frames
+
+
+@pytest.mark.system
+def test_a_veth_uplink_reaches_its_namespace(net: Net) -> None:
+    from iopart.drivers.nic import VethUplink
+
+    tag = uuid.uuid4().hex[:6]
+    up = VethUplink.create(tag, "10.79.0.1/24")
+    port = None
+    try:
+        a = net.guest(5)
+        port = net.switch.add_uplink(up.fileno())
+        arp = (BCAST + a.mac + struct.pack("!H", 0x0806)
+               + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + a.mac
+               + bytes([10, 79, 0, 2]) + bytes(6) + bytes([10, 79, 0, 1]))
+        assert a.send(arp.ljust(60, b"\0")) == 0
+        reply = None
+        for _ in range(50):
+            f = a.recv(timeout_ms=100)
+            if f is not None and f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02":
+                reply = f
+                break
+        assert reply is not None, "no ARP reply through the veth"
+        assert reply[28:32] == bytes([10, 79, 0, 1])
+        # what the switch wrote out did not come back in (PACKET_IGNORE_OUTGOING)
+        assert net.switch.stats(port).tx_frames == 1
+    finally:
+        if port is not None:
+            net.switch.remove(port)
+        up.close()
+    assert not Path(f"/run/netns/{up.ns}").exists()

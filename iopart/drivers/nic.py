@@ -1,0 +1,161 @@
+"""NIC backends of an I/O partition: the fds its virtual switch sends and receives on.
+
+* `VethUplink`: a veth pair whose far end sits in a network namespace of its own, with
+  an address: the default "physical" uplink when no configuration names a NIC.
+* `PacketUplink`: an existing interface through an AF_PACKET socket.
+* `open_tap`: a TAP device's fd (IFF_TAP | IFF_NO_PI), also used for guests' namespaces.
+
+Links and namespaces are managed through netlink (pyroute2). Nothing here is on the
+data path: the native switch gets the fds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetNS, netns
+
+from iopart.errors import IopartError
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_IGNORE_OUTGOING = 23
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+class NicError(IopartError):
+    kind = "nic"
+
+
+def packet_socket(ifname: str) -> socket.socket:
+    """A raw AF_PACKET socket on `ifname` that does not see its own transmissions."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                      socket.htons(ETH_P_ALL))
+    try:
+        # the switch writes frames out here; they must not come back in as received
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        s.bind((ifname, 0))
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def open_tap(name: str) -> int:
+    """Create (or attach to) TAP `name`; its non-blocking fd."""
+    if not 0 < len(name) < 16:
+        raise NicError(f"interface name {name!r} must be 1-15 characters", errno=errno.EINVAL)
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError as exc:
+        os.close(fd)
+        raise NicError(f"cannot create TAP {name}: {exc.strerror}", errno=exc.errno or 0) from exc
+    return fd
+
+
+def _link_index(ipr: IPRoute | NetNS, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise NicError(f"no interface {name}", errno=errno.ENODEV)
+    return int(found[0])
+
+
+def configure(ns: str, ifname: str, address: str | None, mac: str | None = None) -> None:
+    """Bring `ifname` (and lo) up in namespace `ns`, with an address and MAC if given."""
+    with NetNS(ns) as n:
+        idx = _link_index(n, ifname)
+        if mac:
+            n.link("set", index=idx, address=mac)
+        if address:
+            ip, _, plen = address.partition("/")
+            n.addr("add", index=idx, address=ip, prefixlen=int(plen or 24))
+        n.link("set", index=idx, state="up")
+        n.link("set", index=_link_index(n, "lo"), state="up")
+
+
+def move_to_netns(ifname: str, ns: str) -> None:
+    with IPRoute() as ipr:
+        ipr.link("set", index=_link_index(ipr, ifname), net_ns_fd=ns)
+
+
+def remove_netns(ns: str) -> None:
+    with contextlib.suppress(OSError, FileNotFoundError):
+        netns.remove(ns)
+
+
+@dataclass
+class VethUplink:
+    """veth `host_if` (in this namespace, the switch's end) <-> `peer_if` in `ns`."""
+
+    host_if: str
+    ns: str
+    peer_if: str
+    address: str
+    sock: socket.socket
+
+    @classmethod
+    def create(cls, tag: str, address: str = "10.78.0.1/24") -> VethUplink:
+        host_if, ns, peer_if = f"iov{tag}"[:15], f"iopart-up-{tag}", "uplink0"
+        remove_netns(ns)  # a crashed predecessor's namespace (and the veth in it)
+        with IPRoute() as ipr:
+            for stale in ipr.link_lookup(ifname=host_if):
+                ipr.link("del", index=stale)
+        netns.create(ns)
+        try:
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_if,
+                                                                    "net_ns_fd": ns})
+                idx = _link_index(ipr, host_if)
+                ipr.link("set", index=idx, state="up")
+            configure(ns, peer_if, address)
+            sock = packet_socket(host_if)
+        except Exception:
+            remove_netns(ns)
+            raise
+        return cls(host_if, ns, peer_if, address, sock)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": "veth", "interface": self.host_if, "peer_netns": self.ns,
+                "peer_interface": self.peer_if, "peer_address": self.address}
+
+    def close(self) -> None:
+        self.sock.close()
+        remove_netns(self.ns)  # takes the peer, and with it the pair
+
+
+@dataclass
+class PacketUplink:
+    """An existing interface of this namespace, through AF_PACKET."""
+
+    ifname: str
+    sock: socket.socket
+
+    @classmethod
+    def create(cls, ifname: str) -> PacketUplink:
+        try:
+            return cls(ifname, packet_socket(ifname))
+        except OSError as exc:
+            raise NicError(f"cannot open {ifname}: {exc.strerror}",
+                           errno=exc.errno or 0) from exc
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": "packet", "interface": self.ifname}
+
+    def close(self) -> None:
+        self.sock.close()
