@@ -50,6 +50,7 @@ bench: setup
 	$(VENV)/bin/iopart bench channel
 	$(VENV)/bin/iopart bench tx
 	$(VENV)/bin/iopart bench disk
+	$(VENV)/bin/iopart bench net
 
 clean:
 	rm -rf build bench/peers/build native/fuzz/build iopart/_iop_native*.so iopart/_iop_native.c

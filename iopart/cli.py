@@ -108,6 +108,12 @@ def cmd_bench_tx(args: argparse.Namespace) -> int:
     return _run_bench(args, "tx", tx.run)
 
 
+def cmd_bench_net(args: argparse.Namespace) -> int:
+    from bench import net
+
+    return _run_bench(args, "net", net.run)
+
+
 def cmd_bench_disk(args: argparse.Namespace) -> int:
     from bench import disk
 
@@ -340,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
             "tx",
             cmd_bench_tx,
             "committed transactions/s through the command channel vs a durable SQLite loop",
+        ),
+        (
+            "net",
+            cmd_bench_net,
+            "frame round trips guest<->guest and guest<->uplink, throughput, vs veth and TAP",
         ),
         (
             "disk",

@@ -322,19 +322,28 @@ class NicLoops:
         self.end, self.memory, self.mac, self.nbufs = end, memory, mac, nbufs
         self.buf = memory.alloc(nbufs * NIC_BUF)
         self._base = ffi.cast("uint8_t *", memory.base)
+        self._posted = ""  # the loop whose receive buffers the switch holds
+
+    def _posted_for(self, loop: str) -> int:
+        if self._posted and self._posted != loop:
+            raise IoError(f"the receive buffers are posted for {self._posted}; a NIC's "
+                          f"buffers serve one kind of receiving loop", errno=errno.EBUSY)
+        was, self._posted = self._posted, loop
+        return int(bool(was))
 
     def pingpong(self, dst: bytes, frame_len: int, n: int, timeout_ms: int = 5000) -> list[int]:
         lat = ffi.new("uint64_t[]", max(n, 1))
         check(int(lib.iop_nic_pingpong(self.end.handle, self._base, self.buf.prpa, self.nbufs,
-                                       self.mac, dst, frame_len, n, lat, timeout_ms)),
+                                       self._posted_for("pingpong"), self.mac, dst,
+                                       frame_len, n, lat, timeout_ms)),
               "nic round trips")
         return list(lat)[:n]
 
     def echo(self, n: int, stop: Any = ffi.NULL, reply: bool = True,
              timeout_ms: int = 10_000) -> int:
         return check(int(lib.iop_nic_echo(self.end.handle, self._base, self.buf.prpa,
-                                          self.nbufs, self.mac, int(reply), n, stop,
-                                          timeout_ms)), "nic echo")
+                                          self.nbufs, self._posted_for("echo"), self.mac,
+                                          int(reply), n, stop, timeout_ms)), "nic echo")
 
     def blast(self, dst: bytes, frame_len: int, n: int,
               timeout_ms: int = 10_000) -> tuple[int, int]:

@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -181,6 +182,7 @@ void iop_chan_set_doorbells(struct iop_chan *ch, int kick_fd, int wait_fd)
 }
 
 void iop_chan_set_spin(struct iop_chan *ch, uint64_t spin_ns) { ch->spin_ns = spin_ns; }
+void iop_chan_set_yield(struct iop_chan *ch, int on) { ch->yield = on; }
 
 static void publish_counters(struct iop_chan *ch)
 {
@@ -371,7 +373,10 @@ int iop_chan_wait(struct iop_chan *ch, int extra_fd, int timeout_ms)
         uint64_t until = now_ns() + ch->spin_ns;
         unsigned k = 0;
         for (;;) {
-            iop_cpu_relax();
+            if (ch->yield)
+                sched_yield(); /* a peer sharing this CPU gets it at once */
+            else
+                iop_cpu_relax();
             r = rx_refresh(ch);
             if (r)
                 return r < 0 ? r : 0;

@@ -70,14 +70,14 @@ static int check_args(struct iop_chan *ch, uint8_t *base, uint32_t nbufs, uint32
 }
 
 int iop_nic_pingpong(struct iop_chan *ch, uint8_t *base, uint64_t buf_prpa, uint32_t nbufs,
-                     const uint8_t *src, const uint8_t *dst, uint32_t frame_len, uint64_t n,
-                     uint64_t *lat_ns, int timeout_ms)
+                     int posted, const uint8_t *src, const uint8_t *dst, uint32_t frame_len,
+                     uint64_t n, uint64_t *lat_ns, int timeout_ms)
 {
     int rc = check_args(ch, base, nbufs, 2);
     if (rc || frame_len < 22 || frame_len > IOP_NIC_BUF)
         return rc ? rc : -EINVAL;
     uint32_t nrx = nbufs - 1, tx = nbufs - 1;
-    for (uint32_t i = 0; i < nrx; i++)
+    for (uint32_t i = 0; i < nrx && !posted; i++)
         if ((rc = post_rx(ch, buf_prpa, i)))
             return rc;
     iop_chan_publish(ch);
@@ -119,13 +119,13 @@ int iop_nic_pingpong(struct iop_chan *ch, uint8_t *base, uint64_t buf_prpa, uint
 }
 
 int64_t iop_nic_echo(struct iop_chan *ch, uint8_t *base, uint64_t buf_prpa, uint32_t nbufs,
-                     const uint8_t *mac, int reply, uint64_t n, const volatile uint32_t *stop,
-                     int timeout_ms)
+                     int posted, const uint8_t *mac, int reply, uint64_t n,
+                     const volatile uint32_t *stop, int timeout_ms)
 {
     int rc = check_args(ch, base, nbufs, 1);
     if (rc)
         return rc;
-    for (uint32_t i = 0; i < nbufs; i++)
+    for (uint32_t i = 0; i < nbufs && !posted; i++)
         if ((rc = post_rx(ch, buf_prpa, i)))
             return rc;
     iop_chan_publish(ch);
@@ -200,7 +200,9 @@ int64_t iop_nic_blast(struct iop_chan *ch, uint8_t *base, uint64_t buf_prpa, uin
         if ((rc = next_rsp(ch, &r, timeout_ms)))
             return rc;
         uint32_t i = (uint32_t)(r.id & 0xffffffffu);
-        if (!(r.id & TXBIT) || i >= nbufs)
+        if (!(r.id & TXBIT))
+            continue; /* a frame into a buffer an earlier loop posted: not ours to count */
+        if (i >= nbufs)
             return -EIO;
         free_bufs[nfree++] = i;
         done++;

@@ -165,6 +165,10 @@ class ChannelEnd:
     def set_spin(self, spin_ns: int) -> None:
         lib.iop_chan_set_spin(self.handle, spin_ns)
 
+    def set_yield(self, on: bool) -> None:
+        """Spin with sched_yield(): when this end shares a CPU with another busy party."""
+        lib.iop_chan_set_yield(self.handle, int(on))
+
     def push(self, d: Descriptor) -> bool:
         """Copy a descriptor into the next slot; False when the ring is full."""
         if len(d.frags) > MAX_FRAGS:

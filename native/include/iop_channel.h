@@ -142,6 +142,8 @@ void iop_chan_detach(struct iop_chan *ch);
 void iop_chan_set_doorbells(struct iop_chan *ch, int kick_fd, int wait_fd);
 /* Spin this long polling the ring before sleeping on the doorbell. */
 void iop_chan_set_spin(struct iop_chan *ch, uint64_t spin_ns);
+/* Spin with sched_yield(): for ends that share a CPU with their peer's other end. */
+void iop_chan_set_yield(struct iop_chan *ch, int on);
 
 /* Producer side. push copies one descriptor into the next slot (not yet visible);
  * publish makes all pushed slots visible and rings the doorbell only when the

@@ -19,6 +19,7 @@ struct iop_chan {
     uint32_t rx_prod_cache;        /* last checked value of the peer's producer index */
     int kick_fd, wait_fd;
     uint64_t spin_ns;
+    int yield;                     /* spin with sched_yield instead of pause */
     uint64_t next_id;              /* request ids of the native client loops */
     const char *last_error;
     struct iop_chan_counters stats;     /* authoritative */
