@@ -293,17 +293,17 @@ def run(quick: bool = False, progress: Callable[[str, float], None] | None = Non
         pool.close()
     rows = []
     for key, parts in lat.items():
-        kind, size = key.split()
+        kind, nbytes = key.split()
         name = ("iopart guest <-> guest, spinning" if kind == "g2g"
                 else "iopart guest <-> uplink (veth, pktecho)")
-        rows.append(latency_row(f"{name}, {size} B", np.concatenate(parts), key=key))
+        rows.append(latency_row(f"{name}, {nbytes} B", np.concatenate(parts), key=key))
     for key, runs in peers.items():
-        kind, size = key.split()
+        kind, nbytes = key.split()
         name = ("veth AF_PACKET ping-pong (limit)" if kind == "veth"
                 else "TAP + echo process (limit)")
         med = {f: float(np.median([r[f] for r in runs])) for f in ("p50_ns", "p99_ns",
                                                                    "p999_ns", "mean_ns")}
-        rows.append({"path": f"{name}, {size} B", "key": key,
+        rows.append({"path": f"{name}, {nbytes} B", "key": key,
                      "p50_us": round(med["p50_ns"] / 1000, 3),
                      "p99_us": round(med["p99_ns"] / 1000, 3),
                      "p999_us": round(med["p999_ns"] / 1000, 3),
