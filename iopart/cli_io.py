@@ -217,7 +217,8 @@ def cmd_nic(args: argparse.Namespace) -> int:
 
         return cli._emit(args, doc, show)
     if args.action == "add":
-        path = f"packet:{args.interface}" if args.interface else f"veth:{args.veth}"
+        path = (f"packet:{args.interface}" if args.interface else
+                f"tap:{args.tap}" if args.tap else f"veth:{args.veth}")
         doc = cli._rpc(args, "nic.add", name=args.name, path=path, server=args.server)
         return cli._emit(args, doc, lambda d: cli.out.print(
             f"added {d['nic']['name']} ({d['nic']['path']}) on {d['nic']['server']}"))
@@ -236,6 +237,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, st: argparse.Argument
     how.add_argument("--interface", help="an existing interface of this host, e.g. eth1")
     how.add_argument("--veth", metavar="ADDR/PREFIX",
                      help="a veth pair whose far end has this address in its own namespace")
+    how.add_argument("--tap", metavar="NAME", help="a TAP created for it (the host's side "
+                     "is an ordinary interface)")
     na.add_argument("--server", default="iop-a", help="I/O partition serving it (default iop-a)")
     nsub.add_parser("list", parents=[st], help="NICs, uplinks, live guest ports")
     nsub.add_parser("remove", parents=[st], help="remove a NIC assigned to nobody"

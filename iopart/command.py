@@ -351,8 +351,8 @@ class CommandPartition:
             raise RpcError(POLICY, f"{server!r} is not an I/O partition",
                            {"field": "server", "errno": errno.ENOENT})
         kind, _, arg = a["path"].partition(":")
-        if kind not in ("veth", "packet") or (kind == "packet" and not arg):
-            raise RpcError(POLICY, "a NIC is veth[:ADDR/PREFIX] or packet:IFNAME",
+        if kind not in ("veth", "packet", "tap") or (kind != "veth" and not arg):
+            raise RpcError(POLICY, "a NIC is veth[:ADDR/PREFIX], packet:IFNAME or tap:NAME",
                            {"field": "path", "errno": errno.EINVAL})
         reply = self.transact([{"op": "add_device", "name": a["name"], "kind": "nic",
                                 "path": a["path"], "server": server}])

@@ -64,7 +64,7 @@ from iopart.drivers.blockserver import (
     hist_bounds_ns,
 )
 from iopart.drivers.disk import Disk, DiskError, create_image
-from iopart.drivers.nic import NicError, PacketUplink, VethUplink
+from iopart.drivers.nic import NicError, PacketUplink, TapUplink, VethUplink
 from iopart.drivers.vswitch import PortStats, SwitchConfig, VSwitch, format_mac, guest_mac
 from iopart.errors import IopartError
 from iopart.pool import Extent as PoolExtent
@@ -113,7 +113,7 @@ class Endpoint:
                 "mac": self.mac, "monitor_pid": self.pid, "stats": stats.to_dict()}
 
 
-Uplink = VethUplink | PacketUplink
+Uplink = VethUplink | PacketUplink | TapUplink
 
 
 class IoPartition:
@@ -228,9 +228,11 @@ class IoPartition:
             up = VethUplink.create(tag, arg or DEFAULT_UPLINK_ADDRESS)
         elif kind == "packet":
             up = PacketUplink.create(arg)
+        elif kind == "tap":
+            up = TapUplink.create(arg)
         else:
-            raise NicError(f"NIC path {path!r}: say veth[:ADDRESS/PREFIX] or packet:IFNAME",
-                           errno=errno.EINVAL)
+            raise NicError(f"NIC path {path!r}: say veth[:ADDRESS/PREFIX], packet:IFNAME or "
+                           "tap:NAME", errno=errno.EINVAL)
         port = self.switch.add_uplink(up.fileno())
         self.uplinks[name] = (up, port)
         log.info("NIC %s: %s, switch port %d", name, up.describe(), port)

@@ -55,6 +55,7 @@ from monitor_stubs.seccomp_policy import (
 log = logging.getLogger("iopart.monitor")
 _MSG = 65536
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
 libc = ctypes.CDLL(None, use_errno=True)
 ATTACH_WAIT_S = 15.0
 
@@ -228,6 +229,8 @@ def main(args: list[str] | None = None) -> int:
     a = p.parse_args(args)
     prog = a.program[1:] if a.program[:1] == ["--"] else a.program
     logging.basicConfig(level=logging.INFO, format="%(asctime)s monitor %(message)s")
+    # the monitor follows the `iopart guest run` that started it (its guest follows it)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if not prog:
         print("iopart monitor: no guest program given", file=sys.stderr)
         return 2
@@ -269,6 +272,8 @@ def main(args: list[str] | None = None) -> int:
     if pid == 0:
         code = 1
         try:
+            # a guest never outlives its monitor: nothing would answer its traps
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             mon_sock.close()
             for fd in keep:
                 os.set_inheritable(fd, True)

@@ -78,6 +78,64 @@ def test_tcp_and_udp_with_socat_guest_to_guest_and_to_the_uplink(stack: Stack) -
             udp.kill()
             udp.communicate()
     assert "datagram" in out
+    tcp = subprocess.Popen(["ip", "netns", "exec", ns, "socat", "-T", "10", "-u",
+                            "TCP-LISTEN:7002,reuseaddr", "STDOUT"], stdout=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL, text=True)
+    try:
+        res = subprocess.run(guest_cmd(stack, "tcpu", "10.78.0.34/24", "sh", "-c",
+                                       "echo stream | socat -T 5 -u - "
+                                       "TCP:10.78.0.1:7002,retry=50,interval=0.2"),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        out, _ = tcp.communicate(timeout=15)
+    finally:
+        if tcp.poll() is None:
+            tcp.kill()
+            tcp.communicate()
+    assert "stream" in out
+
+
+def test_an_existing_interface_and_a_tap_serve_as_uplinks(stack: Stack) -> None:
+    """nic add --interface: one end of a veth the test made, through AF_PACKET; the other
+    end sits in a namespace of the test's own with 10.80.0.1. nic add --tap: a TAP whose
+    host side gets 10.81.0.1 in another namespace."""
+    import uuid
+
+    tag = uuid.uuid4().hex[:6]
+    ns, near, tap = f"iopt-ext-{tag}", f"ive{tag}", f"ivt{tag}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", near, "type", "veth", "peer", "name", "far",
+                        "netns", ns], check=True)
+        subprocess.run(["ip", "link", "set", near, "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "10.80.0.1/24", "dev", "far"],
+                       check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "far", "up"], check=True)
+        stack.cli_json("nic", "add", "ext0", "--interface", near)
+        stack.cli_json("nic", "add", "tap0", "--tap", tap)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the I/O partition picks NICs up each second
+            ups = {n["name"]: n.get("uplink") for n in stack.cli_json("nic", "list")["nics"]}
+            if ups.get("ext0") and ups.get("tap0"):
+                break
+            time.sleep(0.2)
+        assert ups["ext0"]["kind"] == "packet" and ups["tap0"]["kind"] == "tap"
+        res = subprocess.run([*IOPART, "guest", "run", "extg", *stack.sd(), "--netns", "--nic",
+                              "ext0", "--ip", "10.80.0.2/24", "--", "ping", "-c", "2", "-W",
+                              "2", "10.80.0.1"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "2 received" in res.stdout, res.stdout + res.stderr
+        subprocess.run(["ip", "link", "set", tap, "netns", ns], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "10.81.0.1/24", "dev", tap], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", tap, "up"], check=True)
+        res = subprocess.run([*IOPART, "guest", "run", "tapg", *stack.sd(), "--netns", "--nic",
+                              "tap0", "--ip", "10.81.0.2/24", "--", "ping", "-c", "2", "-W",
+                              "2", "10.81.0.1"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "2 received" in res.stdout, res.stdout + res.stderr
+        stack.cli_json("nic", "remove", "ext0")
+        stack.cli_json("nic", "remove", "tap0")
+    finally:
+        subprocess.run(["ip", "link", "del", near], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_iperf3_between_guests(stack: Stack, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 * `VethUplink`: a veth pair whose far end sits in a network namespace of its own, with
   an address: the default "physical" uplink when no configuration names a NIC.
 * `PacketUplink`: an existing interface through an AF_PACKET socket.
-* `open_tap`: a TAP device's fd (IFF_TAP | IFF_NO_PI), also used for guests' namespaces.
+* `TapUplink`: a TAP the I/O partition creates; `open_tap` gives a TAP's fd (IFF_TAP |
+  IFF_NO_PI), also for guests' namespaces.
 
 Links and namespaces are managed through netlink (pyroute2). Nothing here is on the
 data path: the native switch gets the fds.
@@ -12,6 +13,7 @@ data path: the native switch gets the fds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -61,6 +63,27 @@ def open_tap(name: str) -> int:
         os.close(fd)
         raise NicError(f"cannot create TAP {name}: {exc.strerror}", errno=exc.errno or 0) from exc
     return fd
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_STXCSUM = 0x17
+
+
+def disable_tx_checksum(ifname: str, ns: str | None = None) -> None:
+    """Make the kernel finish checksums before frames leave `ifname`. A veth hands out
+    frames whose checksum is left to "hardware"; read through AF_PACKET and delivered
+    into a guest's TAP, those would be dropped there as corrupt."""
+    if ns is not None:
+        netns.pushns(ns)
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    finally:
+        if ns is not None:
+            netns.popns()
+    with s:
+        value = ctypes.create_string_buffer(struct.pack("II", ETHTOOL_STXCSUM, 0))
+        ifr = struct.pack("16sQ16x", ifname.encode(), ctypes.addressof(value))
+        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
 
 
 def _link_index(ipr: IPRoute | NetNS, name: str) -> int:
@@ -118,6 +141,8 @@ class VethUplink:
                 idx = _link_index(ipr, host_if)
                 ipr.link("set", index=idx, state="up")
             configure(ns, peer_if, address)
+            disable_tx_checksum(peer_if, ns)
+            disable_tx_checksum(host_if)
             sock = packet_socket(host_if)
         except Exception:
             remove_netns(ns)
@@ -159,3 +184,32 @@ class PacketUplink:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclass
+class TapUplink:
+    """A TAP this I/O partition creates: the host's side of it is an ordinary interface
+    (bridge it, route to it) and the switch holds the device end."""
+
+    name: str
+    fd: int
+
+    @classmethod
+    def create(cls, name: str) -> TapUplink:
+        fd = open_tap(name)
+        try:
+            with IPRoute() as ipr:
+                ipr.link("set", index=_link_index(ipr, name), state="up")
+        except Exception:
+            os.close(fd)
+            raise
+        return cls(name, fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": "tap", "interface": self.name}
+
+    def close(self) -> None:
+        os.close(self.fd)  # a TAP nobody holds (not persistent) goes away with its fd
