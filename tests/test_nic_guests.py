@@ -62,6 +62,22 @@ def test_tcp_and_udp_with_socat_guest_to_guest_and_to_the_uplink(stack: Stack) -
     finally:
         echo.kill()
         echo.communicate(timeout=30)
+    sink = subprocess.Popen(guest_cmd(stack, "udps", "10.78.0.35/24", "socat", "-T", "10", "-u",
+                                      "UDP-RECV:7003", "STDOUT"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        for _ in range(3):
+            res = subprocess.run(guest_cmd(stack, "udpg", "10.78.0.36/24", "sh", "-c",
+                                           "echo g2g-datagram | socat -u - UDP:10.78.0.35:7003"),
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+        out, _ = sink.communicate(timeout=30)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.communicate()
+    assert "g2g-datagram" in out
     ns = uplink_ns(stack)
     udp = subprocess.Popen(["ip", "netns", "exec", ns, "socat", "-T", "10", "-u",
                             "UDP-RECV:7001", "STDOUT"], stdout=subprocess.PIPE, text=True)
