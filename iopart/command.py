@@ -317,13 +317,16 @@ class CommandPartition:
             return doc
         return {}
 
+    def _io_server(self, name: str) -> str:
+        srv = self.copy["partitions"].get(name)
+        if srv is None or srv["kind"] != "io":
+            raise RpcError(POLICY, f"{name!r} is not an I/O partition",
+                           {"field": "server", "errno": errno.ENOENT})
+        return name
+
     def disk_add(self, a: dict[str, Any]) -> dict[str, Any]:
         self.uv()
-        server = a.get("server", "iop-a")
-        srv = self.copy["partitions"].get(server)
-        if srv is None or srv["kind"] != "io":
-            raise RpcError(POLICY, f"{server!r} is not an I/O partition",
-                           {"field": "server", "errno": errno.ENOENT})
+        server = self._io_server(a.get("server", "iop-a"))
         path = Path(a["path"]).resolve()
         if a.get("create_mib") and not path.exists():
             create_image(path, a["create_mib"] * MIB)
@@ -345,11 +348,7 @@ class CommandPartition:
 
     def nic_add(self, a: dict[str, Any]) -> dict[str, Any]:
         self.uv()
-        server = a.get("server", "iop-a")
-        srv = self.copy["partitions"].get(server)
-        if srv is None or srv["kind"] != "io":
-            raise RpcError(POLICY, f"{server!r} is not an I/O partition",
-                           {"field": "server", "errno": errno.ENOENT})
+        server = self._io_server(a.get("server", "iop-a"))
         kind, _, arg = a["path"].partition(":")
         if kind not in ("veth", "packet", "tap") or (kind != "veth" and not arg):
             raise RpcError(POLICY, "a NIC is veth[:ADDR/PREFIX], packet:IFNAME or tap:NAME",

@@ -579,19 +579,13 @@ int iop_blk_endpoint_stats(struct iop_blk_server *s, int id, struct iop_blk_stat
 {
     if (!s || id < 0 || id >= IOP_BLK_MAX_ENDPOINTS)
         return -EINVAL;
-    const uint64_t *src = (const uint64_t *)&s->eps[id].st;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    iop_load_counters(out, &s->eps[id].st, sizeof *out);
     return 0;
 }
 
 void iop_blk_server_stats(struct iop_blk_server *s, struct iop_blk_server_stats *out)
 {
-    const uint64_t *src = (const uint64_t *)&s->st;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    iop_load_counters(out, &s->st, sizeof *out);
 }
 
 int iop_blk_server_stop(struct iop_blk_server *s)

@@ -295,6 +295,18 @@ int iop_chan_arm(struct iop_chan *ch)
     return rx_refresh(ch);
 }
 
+int iop_chan_pop_wait(struct iop_chan *ch, struct iop_desc *out, int timeout_ms)
+{
+    for (;;) {
+        int rc = iop_chan_pop(ch, out);
+        if (rc != -EAGAIN)
+            return rc;
+        rc = iop_chan_wait(ch, -1, timeout_ms);
+        if (rc < 0)
+            return rc;
+    }
+}
+
 int iop_chan_rx_pending(struct iop_chan *ch)
 {
     if (ch->broken)

@@ -41,18 +41,6 @@ static int send_tx(struct iop_chan *ch, uint64_t buf_prpa, uint32_t i, uint32_t 
     return iop_chan_push(ch, &d);
 }
 
-static int next_rsp(struct iop_chan *ch, struct iop_desc *r, int timeout_ms)
-{
-    for (;;) {
-        int rc = iop_chan_pop(ch, r);
-        if (rc != -EAGAIN)
-            return rc;
-        rc = iop_chan_wait(ch, -1, timeout_ms);
-        if (rc < 0)
-            return rc;
-    }
-}
-
 static void header(uint8_t *f, const uint8_t *dst, const uint8_t *src, uint32_t len)
 {
     memcpy(f, dst, 6);
@@ -92,7 +80,7 @@ int iop_nic_pingpong(struct iop_chan *ch, uint8_t *base, uint64_t buf_prpa, uint
         iop_chan_publish(ch);
         int sent = 0, got = 0;
         while (!sent || !got) {
-            if ((rc = next_rsp(ch, &r, timeout_ms)))
+            if ((rc = iop_chan_pop_wait(ch, &r, timeout_ms)))
                 return rc;
             if (r.id & TXBIT) {
                 if (r.status < 0)
@@ -197,7 +185,7 @@ int64_t iop_nic_blast(struct iop_chan *ch, uint8_t *base, uint64_t buf_prpa, uin
         }
         if (pushed)
             iop_chan_publish(ch);
-        if ((rc = next_rsp(ch, &r, timeout_ms)))
+        if ((rc = iop_chan_pop_wait(ch, &r, timeout_ms)))
             return rc;
         uint32_t i = (uint32_t)(r.id & 0xffffffffu);
         if (!(r.id & TXBIT))

@@ -548,19 +548,13 @@ int iop_vport_stats(struct iop_vswitch *s, int id, struct iop_vport_stats *out)
 {
     if (!s || id < 0 || id >= IOP_VSW_MAX_PORTS)
         return -EINVAL;
-    const uint64_t *src = (const uint64_t *)&s->ports[id].st;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    iop_load_counters(out, &s->ports[id].st, sizeof *out);
     return 0;
 }
 
 void iop_vswitch_stats(struct iop_vswitch *s, struct iop_vswitch_stats *out)
 {
-    const uint64_t *src = (const uint64_t *)&s->st;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    iop_load_counters(out, &s->st, sizeof *out);
 }
 
 int iop_vswitch_lookup(struct iop_vswitch *s, const uint8_t *mac)

@@ -198,25 +198,10 @@ int iop_worker_stop(struct iop_worker *w)
 
 void iop_worker_stats(const struct iop_worker *w, struct iop_worker_stats *out)
 {
-    const uint64_t *src = (const uint64_t *)&w->stats;
-    uint64_t *dst = (uint64_t *)out;
-    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++)
-        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    iop_load_counters(out, &w->stats, sizeof *out);
 }
 
 /* ---- native client loops ------------------------------------------------ */
-
-static int await_response(struct iop_chan *ch, struct iop_desc *r, int timeout_ms)
-{
-    for (;;) {
-        int rc = iop_chan_pop(ch, r);
-        if (rc != -EAGAIN)
-            return rc;
-        rc = iop_chan_wait(ch, -1, timeout_ms);
-        if (rc < 0)
-            return rc;
-    }
-}
 
 int iop_client_roundtrips(struct iop_chan *ch, uint64_t n, uint64_t *lat_ns, int timeout_ms)
 {
@@ -232,7 +217,7 @@ int iop_client_roundtrips(struct iop_chan *ch, uint64_t n, uint64_t *lat_ns, int
         if (rc)
             return rc;
         iop_chan_publish(ch);
-        rc = await_response(ch, &r, timeout_ms);
+        rc = iop_chan_pop_wait(ch, &r, timeout_ms);
         if (rc)
             return rc;
         if (r.id != d.id)

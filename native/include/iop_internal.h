@@ -1,6 +1,7 @@
 /* iop_internal.h - private definitions shared by the native units (not a cdef). */
 #ifndef IOP_INTERNAL_H
 #define IOP_INTERNAL_H
+#include <stddef.h>
 #include <stdint.h>
 #include "iop_channel.h"
 
@@ -33,6 +34,18 @@ int iop_chan_arm(struct iop_chan *ch);
 int iop_chan_wait_fd(const struct iop_chan *ch);
 /* Free response slots with the consumer index read fresh (servers' admission check). */
 uint32_t iop_chan_tx_room(struct iop_chan *ch);
+
+/* Copy a block of counters that another thread increments (relaxed, word by word). */
+static inline void iop_load_counters(void *dst, const void *src, size_t bytes)
+{
+    const uint64_t *s = src;
+    uint64_t *d = dst;
+    for (size_t i = 0; i < bytes / sizeof(uint64_t); i++)
+        d[i] = __atomic_load_n(&s[i], __ATOMIC_RELAXED);
+}
+
+/* Pop the next descriptor, waiting (spin, then doorbell) while the ring is empty. */
+int iop_chan_pop_wait(struct iop_chan *ch, struct iop_desc *out, int timeout_ms);
 
 static inline void iop_cpu_relax(void)
 {
