@@ -247,6 +247,10 @@ def render_status(doc: dict[str, Any]) -> None:
                   f"{rep['refused_attaches']} attach(es) refused, metrics {rep['metrics_url']}")
         if eps:
             out.print(_endpoint_table(eps))
+        ups = ", ".join(f"{n} ({u.get('kind')} {u.get('interface')})"
+                        for n, u in sorted(rep.get("uplinks", {}).items()))
+        out.print(f"{name}: switch with {len(rep.get('nic_ports', []))} guest NIC port(s); "
+                  f"uplinks {ups or 'none'} (details: iopart nic list)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

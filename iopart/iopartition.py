@@ -374,6 +374,8 @@ class IoPartition:
         self.ensure_default_disk()
         self.ensure_nics()
         self.start_metrics()
+        # the report exists before the socket does: `iopart up` waits for the socket
+        write_json_atomic(self.state_dir / f"{self.name}.json", self.report())
         self.sock_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         listener.bind(str(self.sock_path))
