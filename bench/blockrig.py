@@ -53,18 +53,24 @@ class BlockRig:
         self.pool.close()
 
 
+def partition_memory(pool: HostMemoryPool, size: int) -> tuple[RegionTable, GuestMemory]:
+    """A partition's memory in a test pool: one extent at PRPA 0, its region table (what
+    the I/O partition translates against) and its mapping (what the guest sees)."""
+    ext = pool.allocate(size)
+    regions = RegionTable(pool.size)
+    regs = [Region(0, ext.length, ext.offset)]
+    regions.set(regs)
+    return regions, GuestMemory.map(pool.fd, regs)
+
+
 def block_rig(tmp: Path, *, engine: Engine = Engine.IO_URING, disk_size: int = 64 << 20,
               guest_mem: int = 8 << 20, spin_ns: int = 200_000, cpu: int = -1,
               image: Path | None = None) -> BlockRig:
     pool = HostMemoryPool(guest_mem + (8 << 20))
-    ext = pool.allocate(guest_mem)
-    regions = RegionTable(pool.size)
-    regs = [Region(0, ext.length, ext.offset)]
-    regions.set(regs)
+    regions, memory = partition_memory(pool, guest_mem)
     path = image or tmp / "disk.img"
     if not path.exists():
         create_image(path, disk_size)
     disk = Disk(path)
     server = BlockServer(pool.mm, ServerConfig(engine=engine, spin_ns=spin_ns, cpu=cpu))
-    memory = GuestMemory.map(pool.fd, regs)
     return BlockRig(pool, disk, server, regions, memory)

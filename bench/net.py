@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 
 from bench import report
+from bench.blockrig import partition_memory
 from bench.peers import build
 from bench.stats import latency_row, ratio
 from iopart._native import ffi
-from iopart.channels import Channel, ChannelGeometry, Region, RegionTable, Role
-from iopart.client import GuestMemory, NicLoops
+from iopart.channels import Channel, ChannelGeometry, Role
+from iopart.client import NicLoops
 from iopart.drivers.nic import VethUplink, remove_netns
 from iopart.drivers.vswitch import SwitchConfig, VSwitch, format_mac, guest_mac
 from iopart.pool import HostMemoryPool
@@ -219,11 +220,7 @@ def run(quick: bool = False, progress: Callable[[str, float], None] | None = Non
     try:
         nics: list[NicLoops] = []
         for i in (1, 2):
-            ext = pool.allocate(4 << 20)
-            regions = RegionTable(pool.size)
-            regs = [Region(0, ext.length, ext.offset)]
-            regions.set(regs)
-            mem = GuestMemory.map(pool.fd, regs)
+            regions, mem = partition_memory(pool, 4 << 20)
             ch = Channel(pool, ChannelGeometry(nslots=1024, slot_size=128))
             srv, cli = ch.end(Role.SERVER), ch.end(Role.CLIENT)
             ports.append(switch.add_guest(srv, regions.table, guest_mac(i)))

@@ -516,12 +516,7 @@ fail:
     return rc;
 }
 
-static void wake(struct iop_blk_server *s)
-{
-    uint64_t one = 1;
-    ssize_t r = write(s->wake_fd, &one, sizeof one);
-    (void)r;
-}
+static void wake(struct iop_blk_server *s) { iop_wake_fd(s->wake_fd); }
 
 int iop_blk_server_add(struct iop_blk_server *s, struct iop_chan *ch,
                        const struct iop_xlate_table *xlate, const struct iop_blk_endpoint_cfg *cfg)
@@ -566,11 +561,7 @@ int iop_blk_server_remove(struct iop_blk_server *s, int id)
     __atomic_store_n(&e->state, EP_REMOVING, __ATOMIC_RELEASE);
     wake(s);
     /* the thread frees the slot once nothing of it is in flight */
-    while (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE) != EP_FREE) {
-        struct timespec ts = {0, 200000};
-        nanosleep(&ts, NULL);
-        wake(s);
-    }
+    iop_wait_slot(&e->state, EP_FREE, s->wake_fd);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }

@@ -469,12 +469,7 @@ int iop_vswitch_start(void *pool_base, uint64_t pool_len, const struct iop_vswit
     return 0;
 }
 
-static void wake(struct iop_vswitch *s)
-{
-    uint64_t one = 1;
-    ssize_t r = write(s->wake_fd, &one, sizeof one);
-    (void)r;
-}
+static void wake(struct iop_vswitch *s) { iop_wake_fd(s->wake_fd); }
 
 int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, struct iop_chan *ch,
                     const struct iop_xlate_table *xlate)
@@ -535,11 +530,7 @@ int iop_vswitch_remove(struct iop_vswitch *s, int id)
     }
     __atomic_store_n(&p->state, P_REMOVING, __ATOMIC_RELEASE);
     wake(s);
-    while (__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) != P_FREE) {
-        struct timespec ts = {0, 200000};
-        nanosleep(&ts, NULL);
-        wake(s);
-    }
+    iop_wait_slot(&p->state, P_FREE, s->wake_fd);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }

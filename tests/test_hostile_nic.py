@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from bench.blockrig import partition_memory
 from bench.net import _Guest
-from iopart.channels import Channel, ChannelGeometry, Region, RegionTable, Role
+from iopart.channels import Channel, ChannelGeometry, Role
 from iopart.channels.channel import Descriptor, Fragment
-from iopart.client import ACCESS_READ, OP_NET_TX, GuestMemory, NicLoops
+from iopart.client import ACCESS_READ, OP_NET_TX, NicLoops
 from iopart.drivers.vswitch import SwitchConfig, VSwitch, guest_mac
 from iopart.pool import HostMemoryPool
 
@@ -35,11 +36,7 @@ class Rig:
         self.nics: list[NicLoops] = []
 
     def nic(self, index: int, claimed_mac: bytes | None = None) -> NicLoops:
-        ext = self.pool.allocate(4 << 20)
-        regions = RegionTable(self.pool.size)
-        regs = [Region(0, ext.length, ext.offset)]
-        regions.set(regs)
-        mem = GuestMemory.map(self.pool.fd, regs)
+        regions, mem = partition_memory(self.pool, 4 << 20)
         ch = Channel(self.pool, ChannelGeometry(nslots=1024, slot_size=128))
         srv, cli = ch.end(Role.SERVER), ch.end(Role.CLIENT)
         self.ports.append(self.switch.add_guest(srv, regions.table, guest_mac(index)))

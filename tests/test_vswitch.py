@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.blockrig import partition_memory
 from iopart._native import ffi
-from iopart.channels import Channel, ChannelGeometry, Region, RegionTable, Role
+from iopart.channels import Channel, ChannelGeometry, Role
 from iopart.channels.channel import ChannelEnd
 from iopart.client import GuestMemory, NicEndpoint, NicLoops
 from iopart.drivers.vswitch import SwitchConfig, VSwitch, guest_mac
@@ -41,11 +42,7 @@ class Net:
     _close: list[object] = field(default_factory=list)
 
     def guest(self, index: int, rx_buffers: int = 16, mtu: int = 1500) -> NicEndpoint:
-        ext = self.pool.allocate(1 << 20)
-        regions = RegionTable(self.pool.size)
-        regs = [Region(0, ext.length, ext.offset)]
-        regions.set(regs)
-        mem = GuestMemory.map(self.pool.fd, regs)
+        regions, mem = partition_memory(self.pool, 1 << 20)
         ch = Channel(self.pool, ChannelGeometry(nslots=64, slot_size=128))
         srv, cli = ch.end(Role.SERVER), ch.end(Role.CLIENT)
         mac = guest_mac(index)
@@ -65,11 +62,7 @@ class Net:
 
     def raw_guest(self, index: int, nbufs: int = 64) -> tuple[NicLoops, int]:
         """A guest whose NIC is driven by the native loops."""
-        ext = self.pool.allocate(1 << 20)
-        regions = RegionTable(self.pool.size)
-        regs = [Region(0, ext.length, ext.offset)]
-        regions.set(regs)
-        mem = GuestMemory.map(self.pool.fd, regs)
+        regions, mem = partition_memory(self.pool, 1 << 20)
         ch = Channel(self.pool, ChannelGeometry(nslots=256, slot_size=128))
         srv, cli = ch.end(Role.SERVER), ch.end(Role.CLIENT)
         cli.set_spin(1_000_000)

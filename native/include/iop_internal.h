@@ -3,6 +3,8 @@
 #define IOP_INTERNAL_H
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
+#include <unistd.h>
 #include "iop_channel.h"
 
 struct iop_chan {
@@ -46,6 +48,25 @@ static inline void iop_load_counters(void *dst, const void *src, size_t bytes)
 
 /* Pop the next descriptor, waiting (spin, then doorbell) while the ring is empty. */
 int iop_chan_pop_wait(struct iop_chan *ch, struct iop_desc *out, int timeout_ms);
+
+/* Ring a server thread's wake eventfd. */
+static inline void iop_wake_fd(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof one);
+    (void)r;
+}
+
+/* A caller removing a slot from a server thread: wait until the thread has set the
+ * slot's state to free_value, waking it meanwhile. */
+static inline void iop_wait_slot(const int *state, int free_value, int wake_fd)
+{
+    while (__atomic_load_n(state, __ATOMIC_ACQUIRE) != free_value) {
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+        iop_wake_fd(wake_fd);
+    }
+}
 
 static inline void iop_cpu_relax(void)
 {
