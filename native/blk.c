@@ -22,6 +22,7 @@
 #include "iop_blk.h"
 #include "iop_channel.h"
 #include "iop_internal.h"
+#include "iop_journal.h"
 #include "iop_worker.h"
 #include "iop_xlate.h"
 
@@ -40,6 +41,9 @@ struct ep {
     struct iop_blk_endpoint_cfg cfg;
     uint32_t inflight;
     int dirty;
+    struct iop_jrnl *j;   /* failover channels: the in-flight journal, else NULL */
+    uint32_t *unpub;      /* journal entries whose completions await publish */
+    uint32_t nunpub;
     struct iop_blk_stats st;
 };
 
@@ -51,6 +55,7 @@ struct req {
     uint32_t len;
     uint32_t gen;
     uint16_t op;
+    int jidx;
     int niov;
     int next_free;
     struct iovec iov[MAX_IOV];
@@ -101,9 +106,10 @@ static void req_put(struct iop_blk_server *s, struct req *r)
     s->free_head = (int)(r - s->reqs);
 }
 
-static void respond(struct ep *e, uint64_t id, uint16_t op, int status, uint32_t len,
+static void respond(struct ep *e, int jidx, uint64_t id, uint16_t op, int status, uint32_t len,
                     uint64_t offset)
 {
+    uint32_t pos = iop_chan_tx_pos(e->ch);
     struct iop_desc rsp;
     memset(&rsp, 0, IOP_DESC_HDR_SIZE);
     rsp.id = id;
@@ -111,15 +117,30 @@ static void respond(struct ep *e, uint64_t id, uint16_t op, int status, uint32_t
     rsp.status = status;
     rsp.len = status == 0 ? len : 0;
     rsp.offset = offset;
-    if (iop_chan_push(e->ch, &rsp) == 0)
+    if (iop_chan_push(e->ch, &rsp) == 0) {
         e->dirty = 1;
+        if (jidx >= 0) {
+            iop_jrnl_done(e->j, jidx, pos);
+            e->unpub[e->nunpub++] = (uint32_t)jidx;
+        }
+    }
 }
 
-static void refuse(struct ep *e, const struct iop_desc *d, int err, uint64_t *counter)
+/* Make pushed completions visible; only then are their journal entries done with. */
+static void publish(struct ep *e)
+{
+    iop_chan_publish(e->ch);
+    for (uint32_t i = 0; i < e->nunpub; i++)
+        iop_jrnl_retire(e->j, (int)e->unpub[i]);
+    e->nunpub = 0;
+    e->dirty = 0;
+}
+
+static void refuse(struct ep *e, int jidx, const struct iop_desc *d, int err, uint64_t *counter)
 {
     BUMP(*counter, 1);
     BUMP(e->st.refused, 1);
-    respond(e, d->id, d->opcode, err, 0, d->offset);
+    respond(e, jidx, d->id, d->opcode, err, 0, d->offset);
 }
 
 static void complete(struct iop_blk_server *s, struct req *r, int64_t res)
@@ -150,7 +171,7 @@ static void complete(struct iop_blk_server *s, struct req *r, int64_t res)
         }
     }
     hist_add(&e->st, iop_now_ns() - r->t0);
-    respond(e, r->id, r->op, status, r->len, r->offset);
+    respond(e, r->jidx, r->id, r->op, status, r->len, r->offset);
     e->inflight--;
     BUMP(e->st.inflight, -1);
     BUMP(s->st.completed, 1);
@@ -200,30 +221,31 @@ static int uring_prep(struct iop_blk_server *s, struct req *r)
 }
 
 /* Check one private descriptor copy and start it. */
-static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc *d)
+static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc *d, int jidx)
 {
     const char *why = NULL;
     uint64_t t0 = iop_now_ns();
     if (iop_desc_check(e->ch, d, &why)) {
-        refuse(e, d, -EINVAL, &e->st.refused_desc);
+        refuse(e, jidx, d, -EINVAL, &e->st.refused_desc);
         return;
     }
     if (d->opcode == IOP_OP_NULL || d->opcode == IOP_OP_ECHO) {
-        respond(e, d->id, d->opcode, 0, 0, d->offset); /* understood by every server */
+        respond(e, jidx, d->id, d->opcode, 0, 0, d->offset); /* understood by every server */
         return;
     }
     if (d->opcode != IOP_OP_READ && d->opcode != IOP_OP_WRITE && d->opcode != IOP_OP_FLUSH) {
-        refuse(e, d, -EOPNOTSUPP, &e->st.refused_op);
+        refuse(e, jidx, d, -EOPNOTSUPP, &e->st.refused_op);
         return;
     }
     if (d->opcode == IOP_OP_WRITE && (e->cfg.flags & IOP_BLK_RO)) {
-        refuse(e, d, -EROFS, &e->st.refused_ro);
+        refuse(e, jidx, d, -EROFS, &e->st.refused_ro);
         return;
     }
     struct req *r = req_get(s);
     r->e = e;
     r->id = d->id;
     r->op = d->opcode;
+    r->jidx = jidx;
     r->offset = d->offset;
     r->len = d->len;
     r->t0 = t0;
@@ -236,13 +258,13 @@ static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc 
         uint64_t align = e->cfg.align ? e->cfg.align : 1;
         if (d->nfrags == 0 || total != d->len) {
             req_put(s, r);
-            refuse(e, d, -EINVAL, &e->st.refused_desc);
+            refuse(e, jidx, d, -EINVAL, &e->st.refused_desc);
             return;
         }
         if (d->offset > e->cfg.size || d->len > e->cfg.size - d->offset ||
             d->offset % align || d->len % align) {
             req_put(s, r);
-            refuse(e, d, -ERANGE, &e->st.refused_range);
+            refuse(e, jidx, d, -ERANGE, &e->st.refused_range);
             return;
         }
         /* reading the device writes client memory, and the reverse */
@@ -255,16 +277,16 @@ static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc 
             if (n < 0) {
                 req_put(s, r);
                 if (n == -E2BIG)
-                    refuse(e, d, n, &e->st.refused_desc);
+                    refuse(e, jidx, d, n, &e->st.refused_desc);
                 else
-                    refuse(e, d, n == -EACCES ? -EACCES : -EFAULT, &e->st.refused_addr);
+                    refuse(e, jidx, d, n == -EACCES ? -EACCES : -EFAULT, &e->st.refused_addr);
                 return;
             }
             if (i == 0)
                 r->gen = gen;
             else if (gen != r->gen) {
                 req_put(s, r);
-                refuse(e, d, -ESTALE, &e->st.refused_stale);
+                refuse(e, jidx, d, -ESTALE, &e->st.refused_stale);
                 return;
             }
             for (int k = 0; k < n; k++) {
@@ -272,7 +294,7 @@ static void start(struct iop_blk_server *s, struct ep *e, const struct iop_desc 
                     ((e->cfg.flags & IOP_BLK_DIRECT) && (sg[k].pool_off % align ||
                                                          sg[k].len % align))) {
                     req_put(s, r);
-                    refuse(e, d, -EINVAL, &e->st.refused_addr);
+                    refuse(e, jidx, d, -EINVAL, &e->st.refused_addr);
                     return;
                 }
                 r->iov[r->niov].iov_base = s->pool + sg[k].pool_off;
@@ -391,8 +413,7 @@ static void *server_main(void *arg)
             if (state == EP_REMOVING) {
                 if (e->inflight == 0) {
                     if (e->dirty)
-                        iop_chan_publish(e->ch);
-                    e->dirty = 0;
+                        publish(e);
                     iop_chan_sync_counters(e->ch);
                     __atomic_store_n(&e->state, EP_FREE, __ATOMIC_RELEASE);
                 }
@@ -414,10 +435,20 @@ static void *server_main(void *arg)
                     if (io_uring_sq_space_left(&s->ring) == 0)
                         break;
                 }
-                if (iop_chan_pop(e->ch, &d))
-                    break;
+                int jidx = -1;
+                if (!e->j) {
+                    if (iop_chan_pop(e->ch, &d))
+                        break;
+                } else {
+                    /* a channel taken over: its journal runs first, in order */
+                    jidx = iop_jrnl_next_replay(e->j, &d);
+                    if (jidx == -EAGAIN)
+                        jidx = iop_jrnl_take(e->j, e->ch, &d);
+                    if (jidx < 0)
+                        break;
+                }
                 progress++;
-                start(s, e, &d);
+                start(s, e, &d, jidx);
             }
         }
         if (s->uring) {
@@ -431,9 +462,8 @@ static void *server_main(void *arg)
         for (int i = 0; i < IOP_BLK_MAX_ENDPOINTS; i++) {
             struct ep *e = &s->eps[i];
             if (e->dirty) {
-                iop_chan_publish(e->ch);
+                publish(e);
                 iop_chan_sync_counters(e->ch);
-                e->dirty = 0;
                 published = 1;
             }
         }
@@ -519,7 +549,8 @@ fail:
 static void wake(struct iop_blk_server *s) { iop_wake_fd(s->wake_fd); }
 
 int iop_blk_server_add(struct iop_blk_server *s, struct iop_chan *ch,
-                       const struct iop_xlate_table *xlate, const struct iop_blk_endpoint_cfg *cfg)
+                       const struct iop_xlate_table *xlate, const struct iop_blk_endpoint_cfg *cfg,
+                       struct iop_jrnl *jrnl)
 {
     if (!s || !ch || !xlate || !cfg || iop_chan_role(ch) != IOP_ROLE_SERVER || cfg->fd < 0)
         return -EINVAL;
@@ -527,13 +558,19 @@ int iop_blk_server_add(struct iop_blk_server *s, struct iop_chan *ch,
         return -EINVAL;
     if (cfg->align & (cfg->align - 1))
         return -EINVAL;
+    uint32_t *unpub = NULL;
+    if (jrnl && !(unpub = calloc(iop_jrnl_entries(jrnl), sizeof *unpub)))
+        return -ENOMEM;
     pthread_mutex_lock(&s->mu);
     int id = -ENOSPC;
     for (int i = 0; i < IOP_BLK_MAX_ENDPOINTS; i++) {
         struct ep *e = &s->eps[i];
         if (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE) != EP_FREE)
             continue;
+        free(e->unpub);
         memset(e, 0, sizeof *e);
+        e->j = jrnl;
+        e->unpub = unpub;
         e->ch = ch;
         e->xlate = xlate;
         e->cfg = *cfg;
@@ -544,6 +581,8 @@ int iop_blk_server_add(struct iop_blk_server *s, struct iop_chan *ch,
     pthread_mutex_unlock(&s->mu);
     if (id >= 0)
         wake(s);
+    else
+        free(unpub);
     return id;
 }
 
@@ -599,12 +638,14 @@ int iop_blk_server_stop(struct iop_blk_server *s)
         }
         for (int i = 0; i < IOP_BLK_MAX_ENDPOINTS; i++)
             if (s->eps[i].dirty)
-                iop_chan_publish(s->eps[i].ch);
+                publish(&s->eps[i]);
         io_uring_queue_exit(&s->ring);
         close(s->uring_efd);
     }
     close(s->wake_fd);
     pthread_mutex_destroy(&s->mu);
+    for (int i = 0; i < IOP_BLK_MAX_ENDPOINTS; i++)
+        free(s->eps[i].unpub);
     free(s->reqs);
     free(s);
     return 0;
@@ -678,6 +719,11 @@ int iop_blk_client_run(struct iop_chan *ch, const struct iop_blk_job *job, uint6
     }
     uint64_t x = job->seed ? job->seed : 0x853c49e6748fea9bULL;
     uint64_t issued = 0, done = 0, lat_i = 0;
+    /* ids are unique on the channel across jobs: a late duplicate of an earlier
+     * job's completion is recognised as one */
+    uint64_t id_base = ch->next_id;
+    /* verify state kept across jobs: the stamps must not depend on a job's seed */
+    uint64_t stamp_key = job->versions ? 0x10da7a5eedULL : job->seed;
     uint32_t inflight = 0;
     int rc = 0;
     struct iop_desc d, r;
@@ -703,9 +749,9 @@ int iop_blk_client_run(struct iop_chan *ch, const struct iop_blk_job *job, uint6
                 sl->version = (v == UNKNOWN_VERSION ? 0 : v) + 1;
                 if (sl->version == UNKNOWN_VERSION)
                     sl->version = 1;
-                pattern((uint64_t *)buf, bs, job->seed, blk, sl->version);
+                pattern((uint64_t *)buf, bs, stamp_key, blk, sl->version);
             }
-            sl->id = (issued << 10) | k;
+            sl->id = ((id_base + issued) << 10) | k;
             d.id = sl->id;
             d.opcode = sl->write ? IOP_OP_WRITE : IOP_OP_READ;
             d.len = bs;
@@ -735,13 +781,17 @@ int iop_blk_client_run(struct iop_chan *ch, const struct iop_blk_job *job, uint6
             goto out;
         uint32_t k = (uint32_t)(r.id & 1023);
         if (k >= qd || !slots[k].busy || slots[k].id != r.id) {
-            rc = -EIO; /* a response we did not ask for */
-            goto out;
+            /* not in our shadow of in-flight requests: a completion delivered twice
+             * (or one never asked for); dropped, counted */
+            res->duplicates++;
+            continue;
         }
         struct slot *sl = &slots[k];
         uint64_t now = iop_now_ns();
         if (lat_ns && lat_i < job->n_ops)
             lat_ns[lat_i++] = now - sl->t0;
+        if (job->done_ns && done < job->n_ops)
+            job->done_ns[done] = now;
         if (r.status < 0) {
             res->errors++;
             if (!res->first_error)
@@ -757,7 +807,7 @@ int iop_blk_client_run(struct iop_chan *ch, const struct iop_blk_job *job, uint6
             uint32_t v = job->verify ? versions[sl->block] : 0;
             if (v && v != UNKNOWN_VERSION) {
                 const uint64_t *buf = (const uint64_t *)((uint8_t *)job->buf + (uint64_t)k * bs);
-                if (pattern_ok(buf, bs, job->seed, sl->block, v))
+                if (pattern_ok(buf, bs, stamp_key, sl->block, v))
                     res->verified_bytes += bs;
                 else
                     res->verify_failures++;
@@ -771,6 +821,7 @@ int iop_blk_client_run(struct iop_chan *ch, const struct iop_blk_job *job, uint6
     }
     rc = 0;
 out:
+    ch->next_id = id_base + issued + 1;
     res->elapsed_ns = iop_now_ns() - t_start;
     free(slots);
     if (versions != job->versions)

@@ -15,8 +15,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-PUBLIC_HEADERS = ("iop_channel.h", "iop_xlate.h", "iop_worker.h", "iop_dtab.h", "iop_blk.h", "iop_guestmem.h", "iop_vswitch.h", "iop_nic.h")
-SOURCES = ("channel.c", "xlate.c", "worker.c", "dtab.c", "blk.c", "guestmem.c", "vswitch.c", "nic.c")
+PUBLIC_HEADERS = ("iop_channel.h", "iop_xlate.h", "iop_worker.h", "iop_dtab.h", "iop_blk.h", "iop_guestmem.h", "iop_vswitch.h", "iop_nic.h", "iop_journal.h")
+SOURCES = ("channel.c", "xlate.c", "worker.c", "dtab.c", "blk.c", "guestmem.c", "vswitch.c", "nic.c", "journal.c")
 _DEFINE = re.compile(r"^#define\s+\w+\s+-?(0x[0-9a-fA-F]+|\d+)\s*$")
 
 

@@ -334,6 +334,29 @@ int iop_chan_pop(struct iop_chan *ch, struct iop_desc *out)
     return 0;
 }
 
+uint32_t iop_chan_tx_pos(const struct iop_chan *ch) { return ch->tx_prod; }
+
+int iop_chan_peek(struct iop_chan *ch, struct iop_desc *out, uint32_t *pos)
+{
+    if (ch->broken)
+        return -EPROTO;
+    int r = rx_refresh(ch);
+    if (r <= 0)
+        return r ? r : -EAGAIN;
+    const uint8_t *slot = ch->rx_slots + (uint64_t)(ch->rx_cons & ch->mask) * ch->slot_size;
+    size_t n = ch->slot_size < sizeof *out ? ch->slot_size : sizeof *out;
+    memcpy(out, slot, n);
+    *pos = ch->rx_cons;
+    return 0;
+}
+
+void iop_chan_consume(struct iop_chan *ch)
+{
+    ch->rx_cons++;
+    __atomic_store_n(&ch->rx->cons, ch->rx_cons, __ATOMIC_RELEASE);
+    ch->stats.consumed++;
+}
+
 int iop_desc_check(const struct iop_chan *ch, const struct iop_desc *d, const char **why)
 {
     if (d->nfrags > ch->max_frags)

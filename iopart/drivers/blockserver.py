@@ -104,8 +104,11 @@ class BlockServer:
         self._keep: dict[int, tuple[ChannelEnd, Any]] = {}
 
     def add(self, end: ChannelEnd, xlate: Any, disk: Disk, extent: Extent, *,
-            read_only: bool = False, direct: bool = False) -> int:
-        """Serve `end`; `xlate` is the client's `struct iop_xlate_table *` (live)."""
+            read_only: bool = False, direct: bool = False, journal: Any = None) -> int:
+        """Serve `end`; `xlate` is the client's `struct iop_xlate_table *` (live).
+
+        journal: the channel's opened `struct iop_jrnl *` (failover channels); what it
+        holds from a previous server runs first. It must outlive the endpoint."""
         if end.role is not Role.SERVER:
             raise ChannelError("a block endpoint needs the server end of a channel")
         if extent.base < 0 or extent.size <= 0 or extent.base + extent.size > disk.size:
@@ -118,7 +121,9 @@ class BlockServer:
             int(lib.IOP_BLK_DIRECT) if direct else 0)
         cfg.base, cfg.size = extent.base, extent.size
         cfg.align = max(disk.logical_block_size, 512)
-        ep = check(int(lib.iop_blk_server_add(self._s, end.handle, xlate, cfg)), "add endpoint")
+        ep = check(int(lib.iop_blk_server_add(self._s, end.handle, xlate, cfg,
+                                              journal if journal is not None else ffi.NULL)),
+                   "add endpoint")
         self._keep[ep] = (end, xlate)
         return ep
 

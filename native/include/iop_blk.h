@@ -82,15 +82,19 @@ struct iop_blk_server_stats {
 struct iop_blk_server;
 struct iop_chan;
 struct iop_xlate_table;
+struct iop_jrnl;
 
 /* pool_base/pool_len: this process's mapping of the host memory pool, which the
  * region tables' pool offsets refer to. */
 int iop_blk_server_start(void *pool_base, uint64_t pool_len,
                          const struct iop_blk_server_cfg *cfg, struct iop_blk_server **out);
-/* Add an endpoint (the server end of ch). Returns its id (>= 0) or -errno. */
+/* Add an endpoint (the server end of ch). jrnl (may be NULL) is the channel's
+ * in-flight journal, opened for this server: its queued entries run first. The
+ * server uses it until the endpoint is removed (the caller closes it after).
+ * Returns the endpoint id (>= 0) or -errno. */
 int iop_blk_server_add(struct iop_blk_server *s, struct iop_chan *ch,
                        const struct iop_xlate_table *xlate,
-                       const struct iop_blk_endpoint_cfg *cfg);
+                       const struct iop_blk_endpoint_cfg *cfg, struct iop_jrnl *jrnl);
 /* Take an endpoint out; waits until its in-flight requests completed. */
 int iop_blk_server_remove(struct iop_blk_server *s, int id);
 int iop_blk_endpoint_stats(struct iop_blk_server *s, int id, struct iop_blk_stats *out);
@@ -114,6 +118,7 @@ struct iop_blk_job {
     uint32_t sequential; /* 1: blocks 0, 1, 2, ... instead of random ones */
     uint32_t *versions;  /* verify state, span/block_size entries kept across jobs
                           * (NULL: private to this job) */
+    uint64_t *done_ns;   /* NULL, or n_ops completion times (iop_now_ns clock) */
 };
 
 struct iop_blk_job_result {
@@ -124,6 +129,7 @@ struct iop_blk_job_result {
     uint64_t verify_failures;
     uint64_t verified_bytes;
     uint64_t elapsed_ns;
+    uint64_t duplicates; /* completions not in the shadow of in-flight requests, dropped */
     int32_t first_error;
     uint32_t reserved;
 };

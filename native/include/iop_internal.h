@@ -68,6 +68,23 @@ static inline void iop_wait_slot(const int *state, int free_value, int wake_fd)
     }
 }
 
+/* Our private producer index: where the next push lands. */
+uint32_t iop_chan_tx_pos(const struct iop_chan *ch);
+/* Copy the next slot out without consuming it (*pos: its ring index); 0, -EAGAIN,
+ * -EPROTO. iop_chan_consume then frees it. */
+int iop_chan_peek(struct iop_chan *ch, struct iop_desc *out, uint32_t *pos);
+void iop_chan_consume(struct iop_chan *ch);
+
+/* Journal operations of a server thread (see iop_journal.h). take: peek, copy into
+ * a free entry, consume; returns the entry or -EAGAIN (ring empty), -ENOSPC
+ * (journal full), -EPROTO. next_replay: the next entry queued at open, or -EAGAIN.
+ * done: its completion was pushed at rsp_pos. retire: that position is published. */
+struct iop_jrnl;
+int iop_jrnl_take(struct iop_jrnl *j, struct iop_chan *ch, struct iop_desc *out);
+int iop_jrnl_next_replay(struct iop_jrnl *j, struct iop_desc *out);
+void iop_jrnl_done(struct iop_jrnl *j, int idx, uint32_t rsp_pos);
+void iop_jrnl_retire(struct iop_jrnl *j, int idx);
+
 static inline void iop_cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
