@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 # Debian packages the project needs; only the missing ones are installed.
 APT_PKGS := gcc make libffi-dev liburing-dev fio nbdkit libnbd-bin qemu-utils iproute2 \
             clang libclang-rt-14-dev qemu-system-common libseccomp2 \
-            iputils-ping socat iperf3
+            iputils-ping socat iperf3 libnbd-dev
 INSTALLED := $(VENV)/.installed
 NATIVE_SRC := $(wildcard native/*.c native/include/*.h) native/build.py native/stamp.py
 FUZZ_SECONDS ?= 20
