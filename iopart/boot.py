@@ -32,12 +32,13 @@ from typing import IO, Any
 from iopart.command import write_json_atomic
 from iopart.config import load as load_config
 from iopart.errors import IopartError
+from iopart.ioarea import IO_PARTITIONS
 from iopart.uvlink import UltravisorError, UltravisorLink
 
 log = logging.getLogger("iopart.boot")
 SYSTEM_CPU = 0.01  # CPU share recorded for each system partition
-START_ORDER = ("ultravisor", "command", "iop-a")
-IO_PARTITIONS = ("iop-a",)
+START_ORDER = ("ultravisor", "command", *IO_PARTITIONS)
+__all__ = ["IO_PARTITIONS", "START_ORDER", "Boot", "main"]
 STOP_GRACE_S = 10.0
 QUICK_EXIT_S = 1.0  # a child that dies sooner than this after its start is crash-looping
 
@@ -114,7 +115,10 @@ class Boot:
         c.proc, c.pidfd = None, -1
         if not self.running:
             return
-        quick = time.monotonic() - c.started < QUICK_EXIT_S
+        # a SIGKILL comes from outside (fault injection, fencing by the standby), not
+        # from a crash loop: it restarts at once
+        killed = c.last_exit == -signal.SIGKILL
+        quick = time.monotonic() - c.started < QUICK_EXIT_S and not killed
         c.quick_failures = c.quick_failures + 1 if quick else 0
         self.wanted[c.name] = "failed"
         self.record_states()

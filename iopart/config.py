@@ -20,6 +20,7 @@ starts. A missing file means the built-in defaults.
     disk_mib = 256                # default disk image when none is configured
     metrics_port = 0              # Prometheus on 127.0.0.1 (0: any free port)
     spin_us = 200                 # ring polling before the server sleeps
+    heartbeat_ms = 25             # a silent I/O partition is declared hung after this
 
     [[partition]]                 # guest definitions the command partition keeps
     name = "web"
@@ -63,6 +64,7 @@ class IoConfig:
     disk_mib: int = 256  # the default disk image made when no disk is configured
     metrics_port: int = 0  # Prometheus endpoint on 127.0.0.1; 0 picks a free port
     spin_us: int = 200  # how long the server polls its rings before it sleeps
+    heartbeat_ms: int = 25  # no heartbeat for this long: the active I/O partition is hung
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "disk_mib": (1, 16 << 20),
     "metrics_port": (0, 65535),
     "spin_us": (0, 1_000_000),
+    "heartbeat_ms": (5, 60_000),
 }
 
 

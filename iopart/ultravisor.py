@@ -55,7 +55,8 @@ COMMAND_MEMORY = 16 << 20
 COMMAND_SLOTS = 64
 READ_WRITE = int(lib.IOP_ACCESS_READ | lib.IOP_ACCESS_WRITE)
 AUDIT_REPLY_BUDGET = 96 << 10  # bytes of records per audit query reply
-IO_CHANNEL_AREA = 8 << 20  # pool bytes an I/O partition formats its client channels in
+IO_CHANNEL_AREA = 16 << 20  # pool bytes the I/O partitions share for their clients' channels
+FDSTORE_MAX = 1024  # fds kept for the I/O partitions (two doorbells per endpoint)
 
 
 @dataclass
@@ -69,14 +70,11 @@ class Session:
     channel: Channel
     memory: Extent
     server: CommandServer
-    channel_area: Extent | None = None  # an I/O partition's channels to its clients
 
     def close(self, pool: HostMemoryPool) -> None:
         self.server.end.close()
         self.channel.close()
         pool.release(self.memory)
-        if self.channel_area is not None:
-            pool.release(self.channel_area)
         os.close(self.pidfd)
         self.conn.close()
 
@@ -98,6 +96,10 @@ class Ultravisor:
         self.tm = TransactionManager(self.db, self.audit)
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[int, Session] = {}
+        # shared by the redundant I/O partitions and kept while we run, so channels
+        # outlive the I/O partition that made them (failover)
+        self.io_area: Extent | None = None
+        self.fdstore: dict[str, list[int]] = {}
         self.monitors: dict[int, tuple[str, int, socket.socket]] = {}  # pidfd -> guest, pid
         self.sock_path = state_dir / "ultravisor.sock"
         self.running = True
@@ -171,7 +173,13 @@ class Ultravisor:
         conn.settimeout(2.0)
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, _uid, _gid = struct.unpack("3i", creds)
-        hello = conn.recv(128).decode(errors="replace").strip()
+        raw, fds, _flags, _addr = socket.recv_fds(conn, 256, 4)
+        hello = raw.decode(errors="replace").strip()
+        if hello.startswith("?fdstore "):
+            self._fdstore(conn, pid, hello.split()[1:], fds)
+            return None
+        for fd in fds:
+            os.close(fd)
         if hello == "?descriptors":
             socket.send_fds(conn, [b"descriptors"], [self.descriptors.fd])
             return None
@@ -214,26 +222,66 @@ class Ultravisor:
         self.cpu.attach(name, pid, self.db.partitions)
         return s
 
-    def _give_pool(self, conn: socket.socket, pid: int) -> None:
-        """The whole pool, for an I/O partition only: it serves every client's memory."""
+    def _io_partition(self, pid: int) -> str | None:
         names = [s.origin.partition("/")[0] for s in self.sessions.values() if s.pid == pid]
         io = [n for n in names if n in self.db.partitions and self.db.partitions[n].kind == "io"]
-        if not io:
+        return io[0] if io else None
+
+    def _give_pool(self, conn: socket.socket, pid: int) -> None:
+        """The whole pool, for an I/O partition only: it serves every client's memory."""
+        name = self._io_partition(pid)
+        if name is None:
             log.warning("pid %d asked for the pool but is no connected I/O partition", pid)
             conn.sendall(json.dumps({"error": "only a connected I/O partition gets the pool"})
                          .encode())
             return
-        session = next(s for s in self.sessions.values() if s.pid == pid)
-        if session.channel_area is None:
+        if self.io_area is None:
             try:
-                session.channel_area = self.pool.allocate(IO_CHANNEL_AREA)
+                self.io_area = self.pool.allocate(IO_CHANNEL_AREA)
             except IopartError as exc:
                 conn.sendall(json.dumps({"error": f"no room for channels: {exc}"}).encode())
                 return
-        area = session.channel_area
-        body = json.dumps({"size": self.pool.size, "partition": io[0],
+        area = self.io_area
+        body = json.dumps({"size": self.pool.size, "partition": name,
                            "channel_area": [area.offset, area.length]}).encode()
         socket.send_fds(conn, [body], [self.pool.fd])
+
+    def _fdstore(self, conn: socket.socket, pid: int, args: list[str], fds: list[int]) -> None:
+        """Keep fds for the I/O partitions (their channels' doorbells), so that one that
+        takes a channel over, or restarts, gets them: `put KEY` (fds attached), `get
+        KEY`, `drop KEY`."""
+        def reply(body: dict[str, Any], send: list[int] | None = None) -> None:
+            socket.send_fds(conn, [json.dumps(body).encode()], send or [])
+
+        try:
+            if self._io_partition(pid) is None:
+                reply({"error": "only a connected I/O partition uses the fd store"})
+                return
+            if len(args) != 2 or args[0] not in ("put", "get", "drop"):
+                reply({"error": "say ?fdstore put|get|drop KEY"})
+                return
+            op, key = args
+            if op == "put":
+                held = sum(len(v) for v in self.fdstore.values())
+                if not fds or held + len(fds) > FDSTORE_MAX:
+                    reply({"error": "no fds attached, or the fd store is full"})
+                    return
+                for fd in self.fdstore.pop(key, []):
+                    os.close(fd)
+                self.fdstore[key], fds = fds, []
+                reply({"ok": True, "n": len(self.fdstore[key])})
+            elif op == "get":
+                if key not in self.fdstore:
+                    reply({"error": f"no fds stored under {key!r}"})
+                    return
+                reply({"ok": True, "n": len(self.fdstore[key])}, self.fdstore[key])
+            else:
+                for fd in self.fdstore.pop(key, []):
+                    os.close(fd)
+                reply({"ok": True, "n": 0})
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _monitor(self, conn: socket.socket, pid: int, name: str) -> None:
         """A guest's monitor: its memory extents (it maps them and closes the pool fd)."""

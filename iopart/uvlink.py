@@ -161,6 +161,31 @@ def request_fd(state_dir: Path, hello: str, timeout: float = 5.0,
     return fds[0], info
 
 
+def fdstore(state_dir: Path, op: str, key: str, fds: list[int] | None = None,
+            timeout: float = 5.0) -> list[int]:
+    """The ultravisor's fd store for I/O partitions: `put` fds under key, `get` them
+    back (new fds, the caller's to close), `drop` them."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(state_dir / "ultravisor.sock"))
+        except OSError as exc:
+            raise ChannelError(f"cannot reach the ultravisor in {state_dir}: {exc.strerror}",
+                               errno=exc.errno or 0) from exc
+        socket.send_fds(sock, [f"?fdstore {op} {key}".encode()], fds or [])
+        body, got, _flags, _addr = socket.recv_fds(sock, 4096, 8)
+    try:
+        info: dict[str, Any] = json.loads(body) if body.startswith(b"{") else {}
+    except ValueError:
+        info = {}
+    if not info.get("ok"):
+        for fd in got:
+            os.close(fd)
+        raise ChannelError(f"fd store {op} {key}: {info.get('error', 'no answer')}",
+                           errno=errno.ENOENT if op == "get" else errno.EPERM)
+    return got
+
+
 def descriptor_fd(state_dir: Path, timeout: float = 5.0) -> int:
     """Ask the ultravisor for the descriptor table's fd (it can only be mapped read-only)."""
     return request_fd(state_dir, "?descriptors", timeout)[0]

@@ -44,7 +44,8 @@ from iopart.channels.xlate import Region
 from iopart.client import DiskEndpoint, GuestMemory, NicEndpoint, NicLoops, attach
 from iopart.drivers.nic import configure, move_to_netns, open_tap, remove_netns
 from iopart.drivers.vswitch import parse_mac
-from iopart.errors import ChannelError, IopartError
+from iopart.errors import ChannelError, HandoffError, IopartError
+from iopart.ioarea import IO_PARTITIONS
 from iopart.uvlink import request_fd
 from monitor_stubs.seccomp_policy import (
     GuestTrapHandler,
@@ -80,33 +81,63 @@ def take_memory(state_dir: Path, name: str) -> tuple[GuestMemory, dict[str, Any]
 
 def attach_device(state_dir: Path, name: str, disk: dict[str, Any],
                   direct: bool) -> tuple[dict[str, Any], AcceptedChannel, socket.socket]:
-    """Attach one assigned device at its I/O partition: its reply and channel end."""
+    """Attach one assigned device at the active I/O partition: its reply and channel end.
+
+    The device's server is asked first; a standby names the active one, and an I/O
+    partition that is down (restarting, or dying mid-attach) is skipped for the
+    other, until ATTACH_WAIT_S has passed."""
+    order = [disk["server"], *[n for n in IO_PARTITIONS if n != disk["server"]]]
+    deadline = time.monotonic() + ATTACH_WAIT_S
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        for server in order:
+            try:
+                return _attach_at(state_dir, server, name, disk, direct)
+            except _TryElsewhere as exc:
+                last = exc
+                if exc.active in order:  # the standby named the active one: it goes first
+                    order = [exc.active, *[n for n in order if n != exc.active]]
+        time.sleep(0.05)
+    raise MonitorError(f"cannot attach {disk['device']}: {last}", errno=errno.EHOSTUNREACH)
+
+
+class _TryElsewhere(Exception):
+    def __init__(self, why: str, active: str = "") -> None:
+        super().__init__(why)
+        self.active = active
+
+
+def _attach_at(state_dir: Path, server: str, name: str, disk: dict[str, Any],
+               direct: bool) -> tuple[dict[str, Any], AcceptedChannel, socket.socket]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(10)
-        path = str(state_dir / f"{disk['server']}.sock")
-        deadline = time.monotonic() + ATTACH_WAIT_S
-        while True:  # an I/O partition being restarted by boot comes back shortly
-            try:
-                sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        try:
+            sock.connect(str(state_dir / f"{server}.sock"))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _TryElsewhere(f"{server} is not running") from exc
         sock.send(json.dumps({"partition": name, "device": disk["device"],
                               "direct": direct}).encode())
-        reply = json.loads(sock.recv(_MSG) or b"{}")
+        raw = sock.recv(_MSG)
+        if not raw:
+            raise _TryElsewhere(f"{server} closed the connection")
+        reply = json.loads(raw)
         if not reply.get("ok"):
-            why = reply.get("error", {}).get("message", "the I/O partition closed")
+            err = reply.get("error", {})
+            if err.get("errno") == errno.EAGAIN:
+                raise _TryElsewhere(err.get("message", "standby"), reply.get("active", ""))
+            why = err.get("message", "the I/O partition refused")
             raise MonitorError(f"cannot attach {disk['device']}: {why}", errno=errno.EACCES)
         acc = accept_channel(sock)
         sock.settimeout(None)
+    except (ConnectionResetError, BrokenPipeError, HandoffError) as exc:
+        sock.close()
+        raise _TryElsewhere(f"{server} went away during the attach: {exc}") from exc
     except OSError as exc:
         sock.close()
-        raise MonitorError(f"cannot attach {disk['device']} at {disk['server']}: {exc}",
+        raise MonitorError(f"cannot attach {disk['device']} at {server}: {exc}",
                            errno=exc.errno or 0) from exc
-    except IopartError:
+    except (IopartError, ValueError, _TryElsewhere):
         sock.close()
         raise
     return reply, acc, sock

@@ -149,6 +149,17 @@ class VethUplink:
             raise
         return cls(host_if, ns, peer_if, address, sock)
 
+    @classmethod
+    def open_or_create(cls, tag: str, address: str = "10.78.0.1/24") -> VethUplink:
+        """The pair as another I/O partition left it (failover: the far end keeps its
+        address and MAC), or a new one."""
+        host_if, ns, peer_if = f"iov{tag}"[:15], f"iopart-up-{tag}", "uplink0"
+        if ns in netns.listnetns():
+            with IPRoute() as ipr:
+                if ipr.link_lookup(ifname=host_if):
+                    return cls(host_if, ns, peer_if, address, packet_socket(host_if))
+        return cls.create(tag, address)
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
