@@ -51,6 +51,24 @@ def _ratio_table(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _failover_section(doc: dict[str, Any]) -> list[str]:
+    """The failover benchmark: stall distributions per kind of fault, and the peer."""
+    host = doc.get("host", {})
+    out = [f"## {doc['bench']}", "",
+           f"Command: `{doc['command']}` — {doc['when']}, {doc.get('seconds', '?')} s, "
+           f"{host.get('cpus', '?')} CPUs, kernel {host.get('kernel', '?')}; heartbeat "
+           f"deadline {doc.get('heartbeat_ms', '?')} ms.", "",
+           "| path | faults | stall p50 ms | p99 ms | p99.9 ms | max ms |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in doc["rows"]:
+        out.append(f"| {r['path']} | {r['faults']} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} "
+                   f"| {fmt(r['p999_ms'])} | {fmt(r['max_ms'])} |")
+    out += _ratio_table(doc)
+    if doc.get("notes"):
+        out += ["", doc["notes"] + "."]
+    return [*out, ""]
+
+
 def _disk_section(doc: dict[str, Any], image: str | None) -> list[str]:
     """The disk benchmark: rows grouped by workload, ratios to direct, the histogram."""
     host = doc.get("host", {})
@@ -162,6 +180,8 @@ def render(results: Path = RESULTS, report_dir: Path | None = None) -> str:
             if png.exists():
                 image = os.path.relpath(png, report_dir or REPORT.parent)
             lines += _disk_section(doc, image)
+        elif doc.get("bench") == "failover":
+            lines += _failover_section(doc)
         else:
             lines += _section(doc)
     return "\n".join(lines).rstrip() + "\n"

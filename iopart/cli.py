@@ -47,11 +47,18 @@ def render_bench(doc: dict[str, Any]) -> None:
     from bench.stats import fmt as f
 
     t = Table(title=f"iopart bench {doc['bench']}" + (" (quick)" if doc.get("quick") else ""))
-    for col in ("path", "p50 µs", "p99 µs", "p99.9 µs", "ops/s"):
+    stalls = doc["bench"] == "failover"
+    cols = (("path", "faults", "stall p50 ms", "p99 ms", "p99.9 ms", "max ms") if stalls
+            else ("path", "p50 µs", "p99 µs", "p99.9 µs", "ops/s"))
+    for col in cols:
         t.add_column(col, justify="left" if col == "path" else "right")
-
     for r in doc["rows"]:
-        t.add_row(r["path"], f(r["p50_us"]), f(r["p99_us"]), f(r["p999_us"]), f(r["ops_per_s"]))
+        if stalls:
+            t.add_row(r["path"], str(r["faults"]), f(r["p50_ms"]), f(r["p99_ms"]),
+                      f(r["p999_ms"]), f(r["max_ms"]))
+        else:
+            t.add_row(r["path"], f(r["p50_us"]), f(r["p99_us"]), f(r["p999_us"]),
+                      f(r["ops_per_s"]))
     out.print(t)
     rt = Table(title="ratios")
     for col in ("ratio", "value", "target", "met"):
@@ -123,6 +130,12 @@ def cmd_bench_disk(args: argparse.Namespace) -> int:
     return 1 if args.check and not all(doc["met"].values()) else 0
 
 
+def cmd_bench_failover(args: argparse.Namespace) -> int:
+    from bench import failover
+
+    return _run_bench(args, "failover", failover.run)
+
+
 def cmd_bench_report(args: argparse.Namespace) -> int:
     from bench import report
 
@@ -186,6 +199,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     return _emit(args, info, show)
 
 
+def cmd_fail(args: argparse.Namespace) -> int:
+    from iopart import faults
+
+    info = faults.inject(_state_dir(args), args.name, hang=args.hang)
+
+    def show(i: dict[str, Any]) -> None:
+        out.print(f"{i['partition']} (pid {i['pid']}): {i['signal']}; {i['note']}")
+
+    return _emit(args, info, show)
+
+
 def _rpc(args: argparse.Namespace, method: str, **params: Any) -> Any:
     from iopart.rpc import RpcClient
 
@@ -241,8 +265,21 @@ def render_status(doc: dict[str, Any]) -> None:
 
     for name, rep in sorted(doc.get("io", {}).items()):
         if not rep:
+            out.print(f"{name}: [red]down[/]")
             continue
         eps = rep.get("endpoints", [])
+        role = rep.get("role", "?")
+        if role == "active":
+            last = rep.get("takeovers") or []
+            took = (f"; took over {len(last)} time(s), last in {last[-1]['ms']} ms "
+                    f"({last[-1]['why']})" if last else "")
+            out.print(f"{name}: [green]active[/], serves {len(eps)} disk and "
+                      f"{len(rep.get('nic_ports', []))} NIC endpoint(s){took}; failovers so far "
+                      f"{rep.get('failovers', 0)}")
+        else:
+            out.print(f"{name}: [yellow]{role}[/], ready to take over "
+                      f"{len(rep.get('standby_for', []))} endpoint(s) (heartbeat deadline "
+                      f"{rep.get('heartbeat_ms', '?')} ms)")
         out.print(f"{name}: engine {rep['engine']}, {len(eps)} endpoint(s), "
                   f"{rep['refused_attaches']} attach(es) refused, metrics {rep['metrics_url']}")
         if eps:
@@ -361,11 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_bench_disk,
             "4 KiB random I/O through the I/O partition vs direct, nbdkit, qemu-storage-daemon",
         ),
+        (
+            "failover",
+            cmd_bench_failover,
+            "guest I/O stall when the active I/O partition is killed or hangs, vs "
+            "qemu-storage-daemon killed and restarted under a retrying libnbd client",
+        ),
     )
     for name, func, text in benches:
         bc = bsub.add_parser(name, parents=[common], help=text)
         bc.add_argument("--quick", action="store_true",
-                        help="short run (under 3 minutes for disk, 30 s for the others)")
+                        help="short run (under 3 minutes for disk and failover (100 faults of "
+                             "each kind), 30 s for the others)")
         bc.add_argument(
             "--no-save", action="store_true", help="do not write bench/results or BENCHMARKS.md"
         )
@@ -391,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     dn.set_defaults(func=cmd_down)
     sub.add_parser("status", parents=[st], help="partitions, resources, channels, health"
                    ).set_defaults(func=cmd_status)
+    fl = sub.add_parser("fail", parents=[st], help="inject a fault into an I/O partition: "
+                        "SIGKILL, or with --hang SIGSTOP (the standby takes over)")
+    fl.add_argument("name", help="iop-a or iop-b")
+    fl.add_argument("--hang", action="store_true",
+                    help="stop it instead of killing it: the standby fences it (SIGKILL) once "
+                         "it misses its heartbeat deadline ([io] heartbeat_ms), then takes over")
+    fl.set_defaults(func=cmd_fail)
 
     pp = sub.add_parser("partition", help="create, list, show, destroy, resize partitions")
     psub = pp.add_subparsers(dest="action", metavar="ACTION")

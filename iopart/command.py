@@ -37,6 +37,7 @@ from iopart.config import load as load_config
 from iopart.descriptors import DescriptorReader
 from iopart.drivers.disk import Disk, create_image
 from iopart.errors import IopartError
+from iopart.ioarea import IO_PARTITIONS
 from iopart.resources import MAX_PARTITIONS
 from iopart.rpc import POLICY, REFUSED, UNAVAILABLE, RpcError
 from iopart.uvlink import UltravisorError, UltravisorLink, descriptor_fd
@@ -326,7 +327,7 @@ class CommandPartition:
 
     def disk_add(self, a: dict[str, Any]) -> dict[str, Any]:
         self.uv()
-        server = self._io_server(a.get("server", "iop-a"))
+        server = self._io_server(a.get("server", IO_PARTITIONS[0]))
         path = Path(a["path"]).resolve()
         if a.get("create_mib") and not path.exists():
             create_image(path, a["create_mib"] * MIB)
@@ -342,13 +343,14 @@ class CommandPartition:
     def disk_list(self, _: dict[str, Any]) -> dict[str, Any]:
         self.refresh_if_up()
         disks = [d for d in self.copy.get("devices", {}).values() if d["kind"] == "disk"]
-        servers = {d["server"] for d in disks}
-        endpoints = [e for s in sorted(servers) for e in self._io_report(s).get("endpoints", [])]
+        # whichever I/O partition is active serves every endpoint
+        endpoints = [{**e, "served_by": s} for s in IO_PARTITIONS
+                     for e in self._io_report(s).get("endpoints", [])]
         return {"disks": disks, "endpoints": endpoints}
 
     def nic_add(self, a: dict[str, Any]) -> dict[str, Any]:
         self.uv()
-        server = self._io_server(a.get("server", "iop-a"))
+        server = self._io_server(a.get("server", IO_PARTITIONS[0]))
         kind, _, arg = a["path"].partition(":")
         if kind not in ("veth", "packet", "tap") or (kind != "veth" and not arg):
             raise RpcError(POLICY, "a NIC is veth[:ADDR/PREFIX], packet:IFNAME or tap:NAME",
@@ -361,12 +363,12 @@ class CommandPartition:
         self.refresh_if_up()
         nics = [dict(d) for d in self.copy.get("devices", {}).values() if d["kind"] == "nic"]
         ports: list[dict[str, Any]] = []
-        for srv in sorted({d["server"] for d in nics}):
+        for srv in IO_PARTITIONS:
             rep = self._io_report(srv)
-            ports += rep.get("nic_ports", [])
+            ports += [{**p, "served_by": srv} for p in rep.get("nic_ports", [])]
             for d in nics:
-                if d["server"] == srv and d["name"] in rep.get("uplinks", {}):
-                    d["uplink"] = rep["uplinks"][d["name"]]
+                if d["name"] in rep.get("uplinks", {}):
+                    d["uplink"] = {**rep["uplinks"][d["name"]], "served_by": srv}
         return {"nics": nics, "ports": ports}
 
     def disk_remove(self, a: dict[str, Any]) -> dict[str, Any]:

@@ -73,7 +73,7 @@ from iopart.drivers.blockserver import (
     hist_bounds_ns,
 )
 from iopart.drivers.disk import Disk, DiskError, create_image
-from iopart.drivers.nic import NicError, PacketUplink, TapUplink, VethUplink
+from iopart.drivers.nic import Uplink, VethUplink, open_uplink
 from iopart.drivers.vswitch import PortStats, SwitchConfig, VSwitch, format_mac, guest_mac
 from iopart.errors import IopartError
 from iopart.failover import PeerWatch
@@ -157,9 +157,6 @@ class Prepared:
 
     rec: Record
     bells: Doorbells
-
-
-Uplink = VethUplink | PacketUplink | TapUplink
 
 
 class IoPartition:
@@ -272,6 +269,8 @@ class IoPartition:
             up, port = self.uplinks.pop(name)
             self.switch.remove(port)
             up.close()
+            with contextlib.suppress(IopartError):
+                fdstore(self.state_dir, "drop", f"uplink.{name}")
             log.info("NIC %s removed", name)
         for name, d in sorted(nics.items()):
             if name in self.uplinks or name in self.failed_nics:
@@ -283,19 +282,22 @@ class IoPartition:
                 log.error("NIC %s (%s) not available: %s", name, d["path"], exc)
 
     def open_uplink(self, name: str, path: str) -> None:
+        """The uplink's socket or TAP lives in the ultravisor's fd store: a standby taking
+        over adopts it (same device, same MAC), a TAP survives us, and our exit does not
+        wait for an AF_PACKET socket's release (an RCU grace period, 7 ms and more)."""
         tag = hashlib.sha1(f"{self.state_dir.resolve()}/{name}".encode()).hexdigest()[:6]
-        kind, _, arg = path.partition(":")
-        up: Uplink
-        if kind == "veth":
-            # the pair outlives an I/O partition: a standby taking over reopens it
-            up = VethUplink.open_or_create(tag, arg or DEFAULT_UPLINK_ADDRESS)
-        elif kind == "packet":
-            up = PacketUplink.create(arg)
-        elif kind == "tap":
-            up = TapUplink.create(arg)
-        else:
-            raise NicError(f"NIC path {path!r}: say veth[:ADDRESS/PREFIX], packet:IFNAME or "
-                           "tap:NAME", errno=errno.EINVAL)
+        key = f"uplink.{name}"
+        try:
+            (fd,) = fdstore(self.state_dir, "get", key)
+        except (IopartError, ValueError):
+            fd = None
+        up = open_uplink(path, tag, fd)
+        if fd is None:
+            try:
+                fdstore(self.state_dir, "put", key, [up.fileno()])
+            except IopartError:
+                up.close()
+                raise
         port = self.switch.add_uplink(up.fileno())
         self.uplinks[name] = (up, port)
         log.info("NIC %s: %s, switch port %d", name, up.describe(), port)
@@ -328,6 +330,7 @@ class IoPartition:
         self.prepare()
         log.info("%s is the standby: %d endpoints ready to take over", self.name,
                  len(self.prepared))
+        self.write_report()
 
     def prepare(self) -> None:
         """Standby: fetch the doorbells of every live record ahead of a takeover."""
@@ -399,10 +402,11 @@ class IoPartition:
         self.prepared.clear()
         ms = (monotonic_ns() - t0) / 1e6
         if was_standby:
-            self.takeovers.append({"why": why, "at": time.time(), "ms": round(ms, 3),
+            self.takeovers.append({"why": why, "at": time.time(), "t_ns": t0, "ms": round(ms, 3),
                                    "endpoints": len(self.endpoints), "replayed": replayed})
         log.warning("%s is active (%s): %d endpoints in %.2f ms, %d requests replayed",
                     self.name, why, len(self.endpoints), ms, replayed)
+        self.write_report()  # who is active is known at once, not within a second
         self.area.free_abandoned()
         with contextlib.suppress(IopartError, OSError):
             self.ensure_nics()
@@ -583,6 +587,9 @@ class IoPartition:
                 "refused_attaches": self.refused_attaches,
                 "server": self.server.server_stats()}
 
+    def write_report(self) -> None:
+        write_json_atomic(self.state_dir / f"{self.name}.json", self.report())
+
     def start_metrics(self) -> None:
         registry = CollectorRegistry()
         registry.register(EndpointCollector(self))
@@ -598,7 +605,7 @@ class IoPartition:
         self.decide_role()
         # the report exists before the socket does: `iopart up` waits for the socket
         stats_path = self.state_dir / f"{self.name}.json"
-        write_json_atomic(stats_path, self.report())
+        self.write_report()
         self.sock_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         listener.bind(str(self.sock_path))
@@ -642,7 +649,7 @@ class IoPartition:
                         with contextlib.suppress(IopartError):
                             self.sync_nics()
                         self.area.free_abandoned()
-                    write_json_atomic(stats_path, self.report())
+                    self.write_report()
                     next_report = now + 1.0
         finally:
             self.shutdown(listener, stats_path)

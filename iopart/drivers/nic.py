@@ -150,15 +150,10 @@ class VethUplink:
         return cls(host_if, ns, peer_if, address, sock)
 
     @classmethod
-    def open_or_create(cls, tag: str, address: str = "10.78.0.1/24") -> VethUplink:
-        """The pair as another I/O partition left it (failover: the far end keeps its
-        address and MAC), or a new one."""
+    def adopt(cls, tag: str, address: str, fd: int) -> VethUplink:
+        """The pair another I/O partition made, through its socket (kept by the fd store)."""
         host_if, ns, peer_if = f"iov{tag}"[:15], f"iopart-up-{tag}", "uplink0"
-        if ns in netns.listnetns():
-            with IPRoute() as ipr:
-                if ipr.link_lookup(ifname=host_if):
-                    return cls(host_if, ns, peer_if, address, packet_socket(host_if))
-        return cls.create(tag, address)
+        return cls(host_if, ns, peer_if, address, socket.socket(fileno=fd))
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -224,3 +219,26 @@ class TapUplink:
 
     def close(self) -> None:
         os.close(self.fd)  # a TAP nobody holds (not persistent) goes away with its fd
+
+
+Uplink = VethUplink | PacketUplink | TapUplink
+
+
+def open_uplink(path: str, tag: str, fd: int | None = None) -> Uplink:
+    """The uplink a NIC's path names: `veth[:ADDRESS/PREFIX]`, `packet:IFNAME` or
+    `tap:NAME`. With fd (kept by the fd store since another I/O partition opened it),
+    adopt that socket or TAP instead of opening a new one."""
+    kind, _, arg = path.partition(":")
+    if kind == "veth":
+        address = arg or "10.78.0.1/24"
+        return VethUplink.adopt(tag, address, fd) if fd is not None else VethUplink.create(
+            tag, address)
+    if kind == "packet":
+        return PacketUplink(arg, socket.socket(fileno=fd)) if fd is not None else \
+            PacketUplink.create(arg)
+    if kind == "tap":
+        return TapUplink(arg, fd) if fd is not None else TapUplink.create(arg)
+    if fd is not None:
+        os.close(fd)
+    raise NicError(f"NIC path {path!r}: say veth[:ADDRESS/PREFIX], packet:IFNAME or tap:NAME",
+                   errno=errno.EINVAL)
