@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 NATIVE_SRC := $(wildcard native/*.c native/include/*.h) native/build.py native/stamp.py
 FUZZ_SECONDS ?= 20
 
-.PHONY: setup apt test lint typecheck pytest demo bench fuzz clean
+.PHONY: setup apt test lint typecheck pytest demo bench chaos fuzz clean
 
 setup: apt $(INSTALLED)
 
@@ -40,6 +40,10 @@ pytest: setup
 
 test: setup lint typecheck pytest
 
+# the full chaos run: 200 faults (kills, hangs, double kills) under verifying guest I/O
+chaos: setup
+	IOPART_CHAOS_FAULTS=200 $(VENV)/bin/pytest -s tests/test_failover.py -k chaos
+
 fuzz: setup
 	bash native/fuzz/run.sh $(FUZZ_SECONDS)
 
@@ -51,6 +55,7 @@ bench: setup
 	$(VENV)/bin/iopart bench tx
 	$(VENV)/bin/iopart bench disk
 	$(VENV)/bin/iopart bench net
+	$(VENV)/bin/iopart bench failover
 
 clean:
 	rm -rf build bench/peers/build native/fuzz/build iopart/_iop_native*.so iopart/_iop_native.c

@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo", help="channel refusals, system partitions with SIGKILL recovery, four guests "
-        "sharing one disk, the disk benchmark"
+        "sharing one disk and a NIC, failover between the I/O partitions, the disk benchmark"
     )
     d.add_argument("--full", action="store_true", help="run the full benchmark instead of --quick")
     d.set_defaults(func=cmd_demo)

@@ -4,9 +4,10 @@
 2. the system partitions as processes: `up`, partitions created by transactions on
    the command channel, a refusal naming its field, the ultravisor SIGKILLed and
    rebuilt from the audit log by boot, `down`;
-3. `iopart up` with its I/O partition, four guests under monitors writing and
+3. `iopart up` with its I/O partitions, four guests under monitors writing and
    verifying data on one shared disk, their endpoints' counters; two guests in network
-   namespaces of their own pinging each other and the uplink through the switch;
+   namespaces of their own pinging each other and the uplink through the switch; a
+   guest whose I/O goes on while the active I/O partition is killed, then hung;
 4. the disk benchmark (quick): direct, the iopart channel, nbdkit, qemu-storage-daemon.
 """
 
@@ -172,11 +173,13 @@ def _shared_disk(console: Console, guests: int = 4) -> bool:
             with RpcClient(state) as c:
                 console.print(_disk_table(c.call("disk.list")))
                 st = c.call("status")
-            rep = st["io"].get("iop-a") or {}
-            console.print(f"iop-a: engine {rep.get('engine')}, metrics {rep.get('metrics_url')}")
-            if rep.get("endpoints"):
-                console.print(_endpoint_table(rep["endpoints"]))
+            for name, rep in sorted(st["io"].items()):
+                console.print(f"{name}: {rep.get('role')}, engine {rep.get('engine')}, "
+                              f"metrics {rep.get('metrics_url')}")
+                if rep.get("endpoints"):
+                    console.print(_endpoint_table(rep["endpoints"]))
             ok &= _shared_nic(console, state)
+            ok &= _failover(console, state)
         finally:
             stack.down(state)
             console.print("down")
@@ -222,6 +225,61 @@ def _shared_nic(console: Console, state: Path) -> bool:
     return res.returncode == 0
 
 
+def _failover(console: Console, state: Path) -> bool:
+    """A guest keeps verifying I/O while the active I/O partition is killed, then the
+    new active one hangs: the standby takes over each time, nothing is lost."""
+    import json
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from iopart import faults
+
+    stop = state / "demo-failover.stop"
+    argv = [sys.executable, "-m", "iopart.cli", "guest", "run", "failover", "--state-dir",
+            str(state), "--memory", "32M", "--cpu", "0.5", "--disk-size", "8M", "--",
+            "python3", "-m", "iopart.loadgen", "disk", "--stop", str(stop), "--gap-ms", "0.2"]
+    load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rng = random.Random(1)
+    done: list[faults.Fault] = []
+    try:
+        active, standby = faults.wait_redundant(state)
+        console.print(f"{active} is active, {standby} the standby; a guest runs verifying "
+                      "4k reads and writes ...")
+        time.sleep(1.0)
+        for kind, what in (("kill", "SIGKILL"), ("hang", "SIGSTOP (hung)")):
+            active, standby = faults.wait_redundant(state)
+            console.print(f"  iopart fail {active}{' --hang' if kind == 'hang' else ''}: "
+                          f"{what} ...")
+            done += faults.run_faults(state, [kind], rng, pause_s=(0.2, 0.4))
+            rep = json.loads((state / f"{standby}.json").read_text())
+            last = (rep.get("takeovers") or [{}])[-1]
+            console.print(f"  {standby} took over ({last.get('why')}) in {last.get('ms')} ms; "
+                          f"boot restarted {active}, now the standby")
+        time.sleep(0.5)
+    finally:
+        stop.touch()
+        out, err = load.communicate(timeout=120)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if load.returncode or not lines:
+        console.print(f"[red]the load guest failed[/]: {err.strip()[-400:]}")
+        return False
+    r = json.loads(lines[-1])
+    stalls = faults.stalls_ms(done, r["gaps"], 0.2)
+    t = Table(title="guest I/O across two failovers")
+    for col in ("fault", "I/O stall ms"):
+        t.add_column(col)
+    for f, ms in zip(done, stalls, strict=True):
+        t.add_row(f"{f.kind} {f.target}", f"{ms:.1f}")
+    console.print(t)
+    lost = r["verify_failures"] + r["final"]["verify_failures"]
+    dup = r["duplicates"] + r["final"]["duplicates"]
+    console.print(f"{r['ops']} requests verified, every block read back at the end: "
+                  f"{lost} lost, {dup} duplicated, {r['errors']} errors")
+    return bool(lost == 0 and dup == 0 and r["errors"] == 0)
+
+
 def run(console: Console, quick: bool = True) -> int:
     from bench import disk
 
@@ -229,7 +287,7 @@ def run(console: Console, quick: bool = True) -> int:
     _refusals(console)
     console.rule("system partitions: boot, ultravisor, command")
     _system(console)
-    console.rule("I/O partition: guests sharing one disk and one NIC")
+    console.rule("I/O partitions: guests sharing one disk and one NIC; failover")
     ok = _shared_disk(console)
     console.rule("disk benchmark: direct, iopart channel, nbdkit, qemu-storage-daemon")
     disk.run(quick, out_json=False, progress=True, save=False)

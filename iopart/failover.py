@@ -74,6 +74,12 @@ class PeerWatch:
             return Verdict(False, "heartbeat", silent / 1e6)
         return Verdict(True, "", silent / 1e6)
 
+    def next_check_s(self, ceiling_s: float) -> float:
+        """Seconds until the heartbeat deadline passes if no beat comes: a standby looks
+        again exactly then (at most ceiling_s from now)."""
+        left = int(self.area.server(self.slot).heartbeat_ns) + self.deadline_ns - monotonic_ns()
+        return min(max(left / 1e9 + 0.0002, 0.0002), ceiling_s)
+
     def fence(self, timeout_s: float = 5.0) -> bool:
         """SIGKILL it and wait until it has exited. True once it is gone."""
         if self.pidfd < 0:

@@ -166,11 +166,12 @@ def stalls_ms(faults: Sequence[Fault], gaps: Sequence[Sequence[int]],
     before it to the first after). A fault with no gap longer than the threshold near
     it stalled I/O for less than the threshold, and counts as the threshold."""
     out = []
-    slack = 2_000_000  # the signal lands a little after the moment taken before it
+    slack = 5_000_000  # the signal lands a little after the moment taken before it
     for f in faults:
-        best = None
+        # the stall is the longest gap around the fault; short ones nearby are noise
+        best = 0
         for start, end in gaps:
-            if end > f.at_ns and start <= f.at_ns + slack and (best is None or end < best[1]):
-                best = (start, end)
-        out.append((best[1] - best[0]) / 1e6 if best else threshold_ms)
+            if end > f.at_ns and start <= f.at_ns + slack:
+                best = max(best, end - start)
+        out.append(best / 1e6 if best else threshold_ms)
     return out

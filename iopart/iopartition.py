@@ -616,12 +616,12 @@ class IoPartition:
                  ROLES[self.role], self.server.config.engine.name, self.heartbeat_ns // 10**6,
                  self.metrics_url)
         next_report = next_prepare = 0.0
-        tick = self.heartbeat_ns / 5e9  # how often a standby looks at the active
+        tick = 0.05  # a standby looks at least this often (and at every deadline)
         try:
             while self.running:
                 self._watch_peer_fd()
-                for key, _ in self.sel.select(timeout=tick if self.role == ROLE_STANDBY
-                                              else 0.5):
+                wait = self.peer.next_check_s(tick) if self.role == ROLE_STANDBY else 0.5
+                for key, _ in self.sel.select(timeout=wait):
                     kind, e = key.data
                     if kind == "listen":
                         self.on_connect(listener)

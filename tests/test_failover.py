@@ -1,0 +1,126 @@
+"""Failover between the two I/O partitions, on a real stack with real guests.
+
+The chaos test: guests run verifying mixed 4k I/O (every write stamped, every read
+checked against the last acknowledged version, every block again at the end)
+while the active I/O partition is SIGKILLed at random moments, sometimes hung
+with SIGSTOP (the standby fences it after the heartbeat deadline), and sometimes
+killed together with the standby in the middle of its takeover. The count is
+IOPART_CHAOS_FAULTS (default 24 here; `make chaos` runs 200).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iopart import faults
+from tests.stackutil import Stack, cli
+
+pytestmark = pytest.mark.system
+
+FAULTS = int(os.environ.get("IOPART_CHAOS_FAULTS", "24"))
+
+
+def start_load(s: Stack, name: str, stop: Path) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "iopart.cli", "guest", "run", name, *s.sd(), "--memory",
+            "32M", "--cpu", "0.5", "--disk-size", "8M", "--", "python3", "-m",
+            "iopart.loadgen", "disk", "--stop", str(stop)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert p.returncode == 0 and lines, f"guest failed ({p.returncode}): {out[-3000:]}{err[-3000:]}"
+    doc: dict[str, Any] = json.loads(lines[-1])
+    return doc
+
+
+def fault_plan(n: int, rng: random.Random) -> list[str]:
+    """Mostly kills, a fifth hangs, one in ten a kill of both during the takeover."""
+    kinds = ["kill"] * n
+    for i in range(n):
+        r = rng.random()
+        kinds[i] = "hang" if r < 0.2 else "double" if r < 0.3 else "kill"
+    kinds[:3] = ["kill", "hang", "double"]  # every kind at least once
+    rng.shuffle(kinds)
+    return kinds
+
+
+def test_chaos_faults_lose_and_duplicate_no_acknowledged_io(stack: Stack, tmp_path: Path
+                                                            ) -> None:
+    stop = tmp_path / "stop"
+    rng = random.Random(6)
+    loads = [start_load(stack, f"chaos{i}", stop) for i in range(2)]
+    try:
+        faults.wait_redundant(stack.dir)
+        time.sleep(1.0)
+        for p in loads:
+            assert p.poll() is None, p.communicate()
+        kinds = fault_plan(FAULTS, rng)
+        t0 = time.monotonic()
+        done = faults.run_faults(stack.dir, kinds, rng, pause_s=(0.02, 0.25))
+        took = time.monotonic() - t0
+        time.sleep(0.5)
+    finally:
+        stop.touch()
+        results = [finish(p) for p in loads]
+    assert len(done) == FAULTS
+    for r in results:
+        summary = {k: r[k] for k in ("ops", "errors", "verify_failures", "duplicates")}
+        assert r["verify_failures"] == 0, f"acknowledged writes lost or corrupt: {summary}"
+        assert r["final"]["verify_failures"] == 0, f"final pass found lost writes: {r['final']}"
+        assert r["duplicates"] == 0 and r["final"]["duplicates"] == 0, \
+            f"completions delivered twice: {summary}"
+        assert r["errors"] == 0 and r["final"]["errors"] == 0, f"I/O errors: {summary}"
+        assert r["first_error"] == 0
+        assert r["final"]["verified_bytes"] == r["span"], "not every block was read back"
+        assert r["ops"] > 10 * FAULTS, f"the load hardly ran: {summary}"
+    active, standby = faults.wait_redundant(stack.dir)
+    status = stack.status()
+    io = status["io"]
+    assert io[active]["role"] == "active" and io[standby]["role"] == "standby"
+    assert len(io[active]["endpoints"]) == 2, io[active]["endpoints"]
+    assert io[active]["failovers"] >= FAULTS - kinds.count("double")
+    restarts = sum(c["restarts"] for n, c in status["boot"]["children"].items()
+                   if n in ("iop-a", "iop-b"))
+    assert restarts >= FAULTS + kinds.count("double")
+    print(f"{FAULTS} faults ({kinds.count('kill')} kills, {kinds.count('hang')} hangs, "
+          f"{kinds.count('double')} double) in {took:.1f} s; "
+          f"{sum(r['ops'] for r in results)} verified requests, 0 lost, 0 duplicated")
+
+
+def test_fail_cli_kills_the_active_and_the_standby_takes_over(stack: Stack) -> None:
+    active, standby = faults.wait_redundant(stack.dir)
+    bad = cli("fail", "iop-x", *stack.sd())
+    assert bad.returncode != 0 and "iop-a" in bad.stderr
+    res = cli("fail", active, *stack.sd(), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["partition"] == active and doc["signal"] == "SIGKILL"
+    assert doc["standby"] == standby
+    deadline = time.monotonic() + 20
+    while faults.current_roles(stack.dir) != (standby, active):
+        assert time.monotonic() < deadline, faults.current_roles(stack.dir)
+        time.sleep(0.05)
+    res = cli("fail", standby, *stack.sd(), "--hang", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["signal"] == "SIGSTOP"
+    while faults.current_roles(stack.dir) != (active, standby):
+        assert time.monotonic() < deadline, faults.current_roles(stack.dir)
+        time.sleep(0.05)
+    log = (stack.dir / "logs" / f"{active}.log").read_text()
+    assert "missed its heartbeat" in log and "fencing it" in log
