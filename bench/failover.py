@@ -54,7 +54,8 @@ def stall_row(path: str, stalls: Sequence[float], **extra: Any) -> dict[str, Any
 
 def _guest(state_dir: Path, stop: Path) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "iopart.cli", "guest", "run", "bench-failover",
-            "--state-dir", str(state_dir), "--memory", "32M", "--disk-size", "8M", "--",
+            "--state-dir", str(state_dir), "--memory", "32M", "--cpu", "1", "--disk-size", "8M",
+            "--",
             "python3", "-m", "iopart.loadgen", "disk", "--stop", str(stop),
             "--gap-ms", str(GAP_MS)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -143,6 +144,7 @@ def run(quick: bool = False, progress: Callable[[str, float], None] | None = Non
         "takeover_ms": [t["ms"] for t in takeovers],
         "peer": {k: v for k, v in peer.items() if k != "stalls_ms"},
         "stalls_ms": {"kill": io["kill"], "hang": io["hang"], "qsd": peer["stalls_ms"]},
+        "faults": io["faults"],
         "notes": (f"stall = last completion before the fault to the first after, on the "
                   f"client (QD4 mixed 4k, verified); stalls under {GAP_MS} ms count as "
                   f"{GAP_MS} ms. The hang stall includes the {heartbeat_ms} ms heartbeat "

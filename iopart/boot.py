@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from iopart.command import write_json_atomic
 from iopart.config import load as load_config
 from iopart.errors import IopartError
 from iopart.ioarea import IO_PARTITIONS
+from iopart.statefile import write_json_atomic
 from iopart.uvlink import UltravisorError, UltravisorLink
 
 log = logging.getLogger("iopart.boot")

@@ -138,6 +138,7 @@ class DiskEndpoint:
         self._next_id = 1 << 62  # apart from the native jobs' ids on the same channel
         self.duplicates = 0
         self._bounce: Buffer | None = None
+        self._job_buf: Buffer | None = None
 
     # -- batches (queue depth)
     def submit(self, reqs: Sequence[Request], timeout_ms: int = 10_000) -> list[int]:
@@ -230,7 +231,9 @@ class DiskEndpoint:
         completed (time.monotonic_ns clock), for stall measurements."""
         if spin_ns is not None:
             self.end.set_spin(spin_ns)
-        buf = self.memory.alloc(queue_depth * block_size)
+        if self._job_buf is None or self._job_buf.len < queue_depth * block_size:
+            self._job_buf = self.memory.alloc(queue_depth * block_size)
+        buf = self._job_buf  # one buffer for every job: jobs run one at a time
         job = ffi.new("struct iop_blk_job *")
         job.buf_prpa, job.buf = buf.prpa, self.memory.base + buf.prpa
         job.buf_len, job.span = buf.len, span or self.size
@@ -259,59 +262,119 @@ class NicEndpoint:
     """A guest's virtual NIC: the client end of a switch port.
 
     Receive buffers from the partition's memory are posted up front and reposted as
-    frames arrive; `send` waits for the switch to take the frame (its completion)."""
+    frames arrive; `send` waits for the switch to take the frame (its completion).
+
+    The endpoint keeps a shadow of its requests in flight (posted receive buffers,
+    frames being sent): a completion of one of its ids that is not in flight, which a
+    switch taking the port over may deliver a second time, is dropped and counted in
+    `duplicates`. Completions of ids it never issued (descriptors pushed on `end` by
+    hand) are counted in `unsolicited`; their statuses are kept, the latest few, for
+    whoever pushed them."""
+
+    _TX_IDS = 1 << 32  # transmit ids count up from here, receive ids (mod 2**32) below
+    _KEEP_UNSOLICITED = 64
 
     def __init__(self, end: ChannelEnd, memory: GuestMemory, mac: bytes, *,
-                 rx_buffers: int = 32, mtu: int = 1500, name: str = "nic") -> None:
+                 rx_buffers: int = 32, mtu: int = 1500, name: str = "nic",
+                 tx_buffers: int = 1) -> None:
         if end.role is not Role.CLIENT:
             raise ChannelError("a NIC endpoint needs the client end of a channel")
+        if tx_buffers < 1:
+            raise ChannelError(f"{name}: a NIC needs at least one transmit buffer")
         self.end, self.memory, self.mac, self.mtu, self.name = end, memory, mac, mtu, name
         size = -(-(mtu + 18) // 64) * 64
         self._rx = [memory.alloc(size, align=64) for _ in range(rx_buffers)]
-        self._tx = memory.alloc(size, align=64)
+        self._tx = [memory.alloc(size, align=64) for _ in range(tx_buffers)]
         self._frames: list[bytes] = []
+        self._posted: dict[int, int] = {}  # shadow: id -> receive buffer the switch holds
+        self._rx_next = 0
+        self._tx_inflight: set[int] = set()  # shadow: transmits not yet completed
         self._tx_status: dict[int, int] = {}
-        self._next_id = 1 << 32  # below: receive buffer ids (their index)
+        self._unsolicited: list[int] = []
+        self._next_id = self._TX_IDS
+        self.duplicates = 0
+        self.unsolicited = 0
         for i in range(rx_buffers):
             self._post(i)
         self.end.publish()
 
     def _post(self, i: int) -> None:
-        b = self._rx[i]
-        if not self.end.push(Descriptor(i, OP_NET_RX, len=b.len,
+        b, rid = self._rx[i], self._rx_next
+        if not self.end.push(Descriptor(rid, OP_NET_RX, len=b.len,
                                         frags=(Fragment(b.prpa, b.len, ACCESS_WRITE),))):
             raise ChannelError(f"{self.name}: no room to post a receive buffer")
+        # a fresh id per posting: a late second completion of the buffer's last frame is
+        # not taken for the next
+        self._rx_next = (rid + 1) % self._TX_IDS
+        self._posted[rid] = i
 
     def _take(self, timeout_ms: int) -> bool:
         got = self.end.pop()
         if got is None:
             return self.end.wait(timeout_ms)
-        if got.opcode == OP_NET_RX and got.id < len(self._rx):
+        rid = got.id
+        if got.opcode == OP_NET_RX and rid in self._posted:
+            i = self._posted.pop(rid)
             if got.status == 0:
-                self._frames.append(bytes(self._rx[got.id].view[: got.len]))
-            self._post(got.id)
+                self._frames.append(bytes(self._rx[i].view[: got.len]))
+            self._post(i)
             self.end.publish()
+        elif rid in self._tx_inflight:
+            self._tx_inflight.discard(rid)
+            self._tx_status[rid] = got.status
+        elif rid < self._TX_IDS or rid < self._next_id:
+            # one of ours that is not in flight: delivered twice; dropped
+            self.duplicates += 1
         else:
-            self._tx_status[got.id] = got.status
+            self.unsolicited += 1
+            self._tx_status[rid] = got.status
+            self._unsolicited.append(rid)
+            if len(self._unsolicited) > self._KEEP_UNSOLICITED:
+                self._tx_status.pop(self._unsolicited.pop(0), None)
         return True
 
     def send(self, frame: bytes, timeout_ms: int = 5000) -> int:
         """Hand a frame to the switch; its status (0, or -EPERM, -EMSGSIZE, ...)."""
-        if len(frame) > self._tx.len:
-            raise IoError(f"{self.name}: frame of {len(frame)} bytes is over the MTU",
-                          errno=errno.EMSGSIZE)
-        rid = self._next_id
-        self._next_id += 1
-        self._tx.view[: len(frame)] = frame
-        frag = Fragment(self._tx.prpa, max(len(frame), 1), ACCESS_READ)
-        while not self.end.push(Descriptor(rid, OP_NET_TX, len=len(frame), frags=(frag,))):
-            self._take(timeout_ms)
-        self.end.publish()
-        while rid not in self._tx_status:
-            if not self._take(timeout_ms):
+        return self.send_many([frame], timeout_ms)[0]
+
+    def send_many(self, frames: Sequence[bytes], timeout_ms: int = 5000) -> list[int]:
+        """Hand frames to the switch in order, up to `tx_buffers` of them in flight;
+        their statuses, in order, once the switch completed every one."""
+        limit = self._tx[0].len
+        for f in frames:
+            if len(f) > limit:
+                raise IoError(f"{self.name}: frame of {len(f)} bytes is over the MTU",
+                              errno=errno.EMSGSIZE)
+        status = [0] * len(frames)
+        free = list(range(len(self._tx)))
+        inflight: dict[int, tuple[int, int]] = {}  # id: (frame index, transmit buffer)
+        nxt = 0
+        while nxt < len(frames) or inflight:
+            pushed = False
+            while nxt < len(frames) and free:
+                buf, frame = self._tx[free[-1]], frames[nxt]
+                buf.view[: len(frame)] = frame
+                rid = self._next_id
+                frag = Fragment(buf.prpa, max(len(frame), 1), ACCESS_READ)
+                if not self.end.push(Descriptor(rid, OP_NET_TX, len=len(frame),
+                                                frags=(frag,))):
+                    break
+                self._next_id += 1
+                self._tx_inflight.add(rid)
+                inflight[rid] = (nxt, free.pop())
+                nxt += 1
+                pushed = True
+            if pushed:
+                self.end.publish()
+            done = [rid for rid in inflight if rid in self._tx_status]
+            for rid in done:
+                i, k = inflight.pop(rid)
+                status[i] = self._tx_status.pop(rid)
+                free.append(k)
+            if not done and not self._take(timeout_ms):
                 raise IoError(f"{self.name}: send not completed in {timeout_ms} ms",
                               errno=errno.ETIMEDOUT)
-        return self._tx_status.pop(rid)
+        return status
 
     def recv(self, timeout_ms: int = 1000) -> bytes | None:
         """The next frame, or None when none came within the timeout."""
@@ -326,13 +389,19 @@ NIC_BUF = int(lib.IOP_NIC_BUF)
 
 class NicLoops:
     """Native NIC loops on a raw client end (no buffers posted by Python): round trips,
-    echo, blast and the TAP bridge. Each loop owns its buffer area while it runs."""
+    echo, blast and the TAP bridge. Each loop owns its buffer area while it runs.
+    `duplicates`: completions the loops dropped, their ids not in flight."""
 
     def __init__(self, end: ChannelEnd, memory: GuestMemory, mac: bytes, nbufs: int = 64) -> None:
         self.end, self.memory, self.mac, self.nbufs = end, memory, mac, nbufs
         self.buf = memory.alloc(nbufs * NIC_BUF)
         self._base = ffi.cast("uint8_t *", memory.base)
         self._posted = ""  # the loop whose receive buffers the switch holds
+        self._dups = ffi.new("uint64_t *")
+
+    @property
+    def duplicates(self) -> int:
+        return int(self._dups[0])
 
     def _posted_for(self, loop: str) -> int:
         if self._posted and self._posted != loop:
@@ -345,7 +414,7 @@ class NicLoops:
         lat = ffi.new("uint64_t[]", max(n, 1))
         check(int(lib.iop_nic_pingpong(self.end.handle, self._base, self.buf.prpa, self.nbufs,
                                        self._posted_for("pingpong"), self.mac, dst,
-                                       frame_len, n, lat, timeout_ms)),
+                                       frame_len, n, lat, timeout_ms, self._dups)),
               "nic round trips")
         return list(lat)[:n]
 
@@ -353,7 +422,8 @@ class NicLoops:
              timeout_ms: int = 10_000) -> int:
         return check(int(lib.iop_nic_echo(self.end.handle, self._base, self.buf.prpa,
                                           self.nbufs, self._posted_for("echo"), self.mac,
-                                          int(reply), n, stop, timeout_ms)), "nic echo")
+                                          int(reply), n, stop, timeout_ms, self._dups)),
+                     "nic echo")
 
     def blast(self, dst: bytes, frame_len: int, n: int,
               timeout_ms: int = 10_000) -> tuple[int, int]:
@@ -361,15 +431,53 @@ class NicLoops:
         el = ffi.new("uint64_t *")
         got = check(int(lib.iop_nic_blast(self.end.handle, self._base, self.buf.prpa,
                                           self.nbufs, self.mac, dst, frame_len, n, el,
-                                          timeout_ms)), "nic blast")
+                                          timeout_ms, self._dups)), "nic blast")
         return got, int(el[0])
 
     def bridge(self, tap_fd: int, stop_fd: int, spin_ns: int = 50_000) -> list[int]:
         """Run the TAP bridge until stop_fd is readable; its four counters."""
         c = ffi.new("uint64_t[4]")
         check(int(lib.iop_nic_bridge(self.end.handle, self._base, self.buf.prpa, self.nbufs,
-                                     tap_fd, stop_fd, spin_ns, c)), "nic bridge")
+                                     tap_fd, stop_fd, spin_ns, c, self._dups)), "nic bridge")
         return list(c)
+
+    # -- sequence-numbered traffic (iop_nic.h): a verifying load across failovers
+    def seq_send(self, dst: bytes, first: int, n: int, *, credit: Any = ffi.NULL,
+                 stop: Any = ffi.NULL, timeout_ms: int = 10_000) -> dict[str, int]:
+        """Send frames first .. first+n-1 (fewer once *stop is set), each only while its
+        number is below *credit (a `uint64_t *`, NULL: no limit); returns queued,
+        accepted, failed, duplicates and stalls once every queued frame completed."""
+        job = ffi.new("struct iop_nic_seq_tx *")
+        job.first, job.n, job.credit, job.stop = first, n, credit, stop
+        job.timeout_ms = timeout_ms
+        rc = int(lib.iop_nic_seq_send(self.end.handle, self._base, self.buf.prpa, self.nbufs,
+                                      self.mac, dst, job))
+        self._dups[0] += job.duplicates
+        check(rc, "nic sequence send")
+        return {k: int(getattr(job, k))
+                for k in ("queued", "accepted", "failed", "duplicates", "stalls")}
+
+    def seq_recv(self, src: bytes, counts: Any, max_seq: int, stop: Any, *,
+                 credit: Any = ffi.NULL, window: int = 0) -> dict[str, int]:
+        """Keep every buffer posted and count each frame k from `src` in counts[k] (a
+        `uint8_t[max_seq]`) until *stop; *credit (if given) follows the highest k plus
+        `window`. Returns frames, bad, errors and duplicates."""
+        job = ffi.new("struct iop_nic_seq_rx *")
+        job.counts, job.max_seq, job.credit, job.window = counts, max_seq, credit, window
+        job.stop, job.posted = stop, self._posted_for("seq_recv")
+        rc = int(lib.iop_nic_seq_recv(self.end.handle, self._base, self.buf.prpa, self.nbufs,
+                                      src, self.mac, job))
+        self._dups[0] += job.duplicates
+        check(rc, "nic sequence receive")
+        return {k: int(getattr(job, k)) for k in ("frames", "bad", "errors", "duplicates")}
+
+    def seq_check(self, frame: bytes, src: bytes) -> int | None:
+        """The number of a sequence frame from `src` to this NIC, or None if it is not
+        exactly one."""
+        k = ffi.new("uint64_t *")
+        if int(lib.iop_nic_seq_check(frame, len(frame), src, self.mac, k)):
+            return None
+        return int(k[0])
 
 
 _OPS = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush"}

@@ -40,20 +40,11 @@ from iopart.errors import IopartError
 from iopart.ioarea import IO_PARTITIONS
 from iopart.resources import MAX_PARTITIONS
 from iopart.rpc import POLICY, REFUSED, UNAVAILABLE, RpcError
+from iopart.statefile import write_json_atomic
 from iopart.uvlink import UltravisorError, UltravisorLink, descriptor_fd
 
 log = logging.getLogger("iopart.command")
 MIB = 1 << 20
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write, fsync, rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Definitions:

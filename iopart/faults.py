@@ -83,6 +83,9 @@ class Fault:
     target: str
     at_ns: int
     second_ns: int = 0
+    detect_ms: float = 0.0    # fault to the start of the takeover (the new active's report)
+    takeover_ms: float = 0.0  # the takeover itself
+    why: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -141,6 +144,11 @@ def run_faults(state_dir: Path, kinds: Sequence[str], rng: random.Random, *,
                 os.kill(pids[standby], signal.SIGKILL)
         out.append(f)
         _wait_taken_over(state_dir, active, pids[active])
+        if kind != "double":
+            with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                last = json.loads((state_dir / f"{standby}.json").read_text())["takeovers"][-1]
+                f.detect_ms = round((int(last["t_ns"]) - at) / 1e6, 3)
+                f.takeover_ms, f.why = float(last["ms"]), str(last["why"])
         if progress is not None:
             progress(i + 1)
     wait_redundant(state_dir)

@@ -61,7 +61,6 @@ from iopart.channels import Channel, ChannelGeometry, Role
 from iopart.channels.channel import ChannelEnd, Doorbells
 from iopart.channels.handoff import offer_channel
 from iopart.channels.journal import Heartbeat, Journal, monotonic_ns
-from iopart.command import write_json_atomic
 from iopart.config import load as load_config
 from iopart.descriptors import DescriptorReader
 from iopart.drivers.blockserver import (
@@ -91,6 +90,7 @@ from iopart.ioarea import (
     Record,
 )
 from iopart.pool import Extent as PoolExtent
+from iopart.statefile import write_json_atomic
 from iopart.uvlink import UltravisorError, UltravisorLink, descriptor_fd, fdstore, request_fd
 
 log = logging.getLogger("iopart.iopartition")
@@ -382,7 +382,13 @@ class IoPartition:
             me.role = ROLE_ACTIVE
             was_standby = self.role == ROLE_STANDBY
             self.role = ROLE_ACTIVE
-            for rec in self.area.live():
+            live = self.area.live()
+            # every NIC port is back before any is switched: a frame replayed from one
+            # port's journal must find its destination port
+            held = any(r.kind == "nic" for r in live)
+            if held:
+                self.switch.hold(True)
+            for rec in live:
                 if rec.index in self.endpoints:
                     continue
                 prep = self.prepared.pop(rec.index, None)
@@ -395,6 +401,8 @@ class IoPartition:
                 except (IopartError, OSError) as exc:
                     log.error("cannot take over record %d (%s %s): %s", rec.index,
                               rec.partition, rec.device, exc)
+            if held:
+                self.switch.hold(False)
             me.takeovers += 1 if was_standby else 0
             me.last_takeover_ns = monotonic_ns()
         for p in self.prepared.values():
@@ -588,7 +596,7 @@ class IoPartition:
                 "server": self.server.server_stats()}
 
     def write_report(self) -> None:
-        write_json_atomic(self.state_dir / f"{self.name}.json", self.report())
+        write_json_atomic(self.state_dir / f"{self.name}.json", self.report(), durable=False)
 
     def start_metrics(self) -> None:
         registry = CollectorRegistry()
@@ -612,6 +620,7 @@ class IoPartition:
         listener.listen(64)
         self.sel.register(listener, selectors.EVENT_READ, ("listen", None))
         self.sel.register(self.link.fileno(), selectors.EVENT_READ, ("ultravisor", None))
+        set_priority(SERVING_NICE)
         log.info("%s up (%s): engine %s, heartbeat deadline %d ms, metrics %s", self.name,
                  ROLES[self.role], self.server.config.engine.name, self.heartbeat_ns // 10**6,
                  self.metrics_url)
@@ -698,6 +707,17 @@ class IoPartition:
         self.link.close()
 
 
+STARTUP_NICE = 10
+SERVING_NICE = -10  # above guests: a takeover or a data-path thread is not kept waiting
+
+
+def set_priority(nice: int) -> None:
+    """Every thread of this process (Linux nice values are per thread)."""
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(task), nice)
+
+
 class EndpointCollector(Collector):
     """Prometheus view of the native counters, read when scraped."""
 
@@ -762,6 +782,9 @@ def main() -> None:
     p.add_argument("--config", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(message)s")
+    # starting up (imports, set-up) yields the CPU to the I/O partition that serves
+    # meanwhile, which may be taking over from our predecessor right now
+    set_priority(STARTUP_NICE)
     cfg = load_config(args.config).io
     try:
         iop = IoPartition(args.state_dir, args.name, Engine.parse(cfg.engine),

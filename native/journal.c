@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -87,6 +88,8 @@ int iop_jrnl_open(void *mem, uint64_t len, struct iop_chan *ch, uint32_t owner,
     uint64_t need = iop_jrnl_size(h->nentries, h->slot_size);
     if (!need || need > len || h->stride != IOP_JENTRY_SIZE + h->slot_size)
         return -EBADMSG;
+    if (h->slot_size != ch->slot_size)
+        return -EINVAL; /* a smaller copy would cut replayed descriptors short */
     struct iop_jrnl *j = calloc(1, sizeof *j);
     if (!j)
         return -ENOMEM;
@@ -129,13 +132,12 @@ int iop_jrnl_open(void *mem, uint64_t len, struct iop_chan *ch, uint32_t owner,
     qsort(j->replay, j->nreplay, sizeof *j->replay, by_seq);
     seq_sort_ctx = NULL;
     /* the last entry taken may still sit at the head of the ring (the server died
-     * between copying it and consuming it): consume it there, run it from here */
-    for (uint32_t k = 0; k < j->nreplay && have_head; k++) {
-        if (entry(j, j->replay[k])->ring_pos == head) {
-            iop_chan_consume(ch);
-            h->skipped++;
-            break;
-        }
+     * between copying it and consuming it): consume it there, run it from here. Only
+     * that one can: an older entry (a long-posted buffer) matching the head would be
+     * an index that wrapped around */
+    if (have_head && j->nreplay && entry(j, j->replay[j->nreplay - 1])->ring_pos == head) {
+        iop_chan_consume(ch);
+        h->skipped++;
     }
     if (h->next_seq <= max_seq)
         h->next_seq = max_seq + 1;
@@ -221,6 +223,10 @@ uint64_t iop_monotonic_ns(void) { return iop_now_ns(); }
 static void *beat(void *arg)
 {
     struct iop_heartbeat *hb = arg;
+    /* a beat costs microseconds; real-time priority keeps a busy machine from making a
+     * healthy server look hung (best effort: needs CAP_SYS_NICE) */
+    struct sched_param sp = {.sched_priority = 1};
+    pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
     struct timespec ts = {(time_t)(hb->interval_ns / 1000000000ull),
                           (long)(hb->interval_ns % 1000000000ull)};
     while (!__atomic_load_n(&hb->stopping, __ATOMIC_ACQUIRE)) {

@@ -8,6 +8,15 @@
  * then delivers to the learned port, or floods. Delivery into a guest translates
  * its posted buffer at that moment, so memory reassigned meanwhile is refused.
  * Responses are published once per port per pass.
+ *
+ * A guest port may have an in-flight journal (failover, iop_journal.h): then every
+ * request is taken through it, a posted receive buffer keeps its entry TAKEN while
+ * it waits for a frame, every completion (frame sent, buffer filled, refusal) marks
+ * its entry DONE at its response position, and the entry is retired once the port
+ * published. The entries a previous switch left are run first, all of them on the
+ * port's first turn: transmits are switched again (a receiver may see a frame twice),
+ * receive buffers are posted again (a frame copied into one whose completion was
+ * never published is lost, as a NIC may lose what it received).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,6 +30,7 @@
 
 #include "iop_channel.h"
 #include "iop_internal.h"
+#include "iop_journal.h"
 #include "iop_vswitch.h"
 #include "iop_worker.h"
 #include "iop_xlate.h"
@@ -35,7 +45,7 @@ struct posted {
     uint64_t id;
     uint64_t addr;
     uint32_t len;
-    uint32_t reserved;
+    int32_t jidx;   /* its journal entry (TAKEN while the buffer waits), or -1 */
 };
 
 struct port {
@@ -47,6 +57,9 @@ struct port {
     struct posted *rxq;
     uint32_t rx_head, rx_count;
     int dirty;
+    struct iop_jrnl *j;   /* failover channels: the in-flight journal, else NULL */
+    uint32_t *unpub;      /* journal entries whose completions await publish */
+    uint32_t nunpub;
     struct iop_vport_stats st;
 };
 
@@ -63,6 +76,8 @@ struct iop_vswitch {
     pthread_t thread;
     int wake_fd;
     int stopping;
+    int held;    /* set by iop_vswitch_hold: switch nothing until it is cleared */
+    int pausing; /* the thread's answer: it is between passes and stays there */
     pthread_mutex_t mu;
     struct port ports[IOP_VSW_MAX_PORTS];
     struct mac_entry macs[IOP_VSW_MAC_TABLE];
@@ -144,22 +159,39 @@ static void mac_forget_port(struct iop_vswitch *s, int port)
         }
 }
 
-static void respond(struct port *p, uint64_t id, uint16_t op, int status, uint32_t len)
+static void respond(struct port *p, int jidx, uint64_t id, uint16_t op, int status,
+                    uint32_t len)
 {
+    uint32_t pos = iop_chan_tx_pos(p->ch);
     struct iop_desc r;
     memset(&r, 0, IOP_DESC_HDR_SIZE);
     r.id = id;
     r.opcode = op;
     r.status = status;
     r.len = status == 0 ? len : 0;
-    if (iop_chan_push(p->ch, &r) == 0)
+    if (iop_chan_push(p->ch, &r) == 0) {
         p->dirty = 1;
+        if (jidx >= 0) {
+            iop_jrnl_done(p->j, jidx, pos);
+            p->unpub[p->nunpub++] = (uint32_t)jidx;
+        }
+    }
 }
 
-static void refuse(struct port *p, const struct iop_desc *d, int err)
+/* Make pushed completions visible; only then are their journal entries done with. */
+static void publish(struct port *p)
+{
+    iop_chan_publish(p->ch);
+    for (uint32_t i = 0; i < p->nunpub; i++)
+        iop_jrnl_retire(p->j, (int)p->unpub[i]);
+    p->nunpub = 0;
+    p->dirty = 0;
+}
+
+static void refuse(struct port *p, int jidx, const struct iop_desc *d, int err)
 {
     BUMP(p->st.refused, 1);
-    respond(p, d->id, d->opcode, err, 0);
+    respond(p, jidx, d->id, d->opcode, err, 0);
 }
 
 /* Copy len bytes between the frame buffer and guest memory [addr, addr+len). */
@@ -203,18 +235,18 @@ static void deliver(struct iop_vswitch *s, struct port *p, const uint8_t *frame,
         BUMP(p->st.rx_posted, -1);
         if (b.len < len) {
             BUMP(p->st.refused, 1);
-            respond(p, b.id, IOP_OP_NET_RX, -EMSGSIZE, 0);
+            respond(p, b.jidx, b.id, IOP_OP_NET_RX, -EMSGSIZE, 0);
             continue;
         }
         int rc = guest_copy(s, p, b.addr, len, IOP_ACCESS_WRITE, (uint8_t *)frame);
         if (rc) {
             BUMP(p->st.refused, 1);
-            respond(p, b.id, IOP_OP_NET_RX, rc, 0);
+            respond(p, b.jidx, b.id, IOP_OP_NET_RX, rc, 0);
             continue;
         }
         BUMP(p->st.rx_frames, 1);
         BUMP(p->st.rx_bytes, len);
-        respond(p, b.id, IOP_OP_NET_RX, 0, len);
+        respond(p, b.jidx, b.id, IOP_OP_NET_RX, 0, len);
         return;
     }
     BUMP(p->st.rx_dropped, 1);
@@ -265,40 +297,41 @@ static int frame_ok(struct port *p, uint32_t len)
     return 1;
 }
 
-static void guest_request(struct iop_vswitch *s, int idx, const struct iop_desc *d)
+static void guest_request(struct iop_vswitch *s, int idx, const struct iop_desc *d, int jidx)
 {
     struct port *p = &s->ports[idx];
     const char *why;
     if (iop_desc_check(p->ch, d, &why)) {
-        refuse(p, d, -EINVAL);
+        refuse(p, jidx, d, -EINVAL);
         return;
     }
     if (d->opcode == IOP_OP_NET_RX) {
         if (d->nfrags != 1 || !(d->frags[0].access & IOP_ACCESS_WRITE)) {
-            refuse(p, d, -EINVAL);
+            refuse(p, jidx, d, -EINVAL);
             return;
         }
         if (p->rx_count >= p->cfg.rx_slots) {
-            refuse(p, d, -ENOBUFS);
+            refuse(p, jidx, d, -ENOBUFS);
             return;
         }
         struct posted *b = &p->rxq[(p->rx_head + p->rx_count) % p->cfg.rx_slots];
         b->id = d->id;
         b->addr = d->frags[0].addr;
         b->len = d->frags[0].len;
+        b->jidx = jidx;
         p->rx_count++;
         BUMP(p->st.rx_posted, 1);
         return;
     }
     if (d->opcode != IOP_OP_NET_TX) {
-        refuse(p, d, -EOPNOTSUPP);
+        refuse(p, jidx, d, -EOPNOTSUPP);
         return;
     }
     uint64_t total = 0;
     for (uint16_t i = 0; i < d->nfrags; i++)
         total += d->frags[i].len;
     if (!frame_ok(p, (uint32_t)(total > IOP_VSW_FRAME_MAX ? IOP_VSW_FRAME_MAX + 1 : total))) {
-        respond(p, d->id, d->opcode, -EMSGSIZE, 0);
+        respond(p, jidx, d->id, d->opcode, -EMSGSIZE, 0);
         return;
     }
     uint32_t off = 0;
@@ -306,18 +339,18 @@ static void guest_request(struct iop_vswitch *s, int idx, const struct iop_desc 
         int rc = guest_copy(s, p, d->frags[i].addr, d->frags[i].len, IOP_ACCESS_READ,
                             s->frame + off);
         if (rc) {
-            refuse(p, d, rc);
+            refuse(p, jidx, d, rc);
             return;
         }
         off += d->frags[i].len;
     }
     if (mac_of(s->frame + 6) != mac_of(p->cfg.mac)) {
         BUMP(p->st.spoofed, 1);
-        respond(p, d->id, d->opcode, -EPERM, 0);
+        respond(p, jidx, d->id, d->opcode, -EPERM, 0);
         return;
     }
     forward(s, idx, off);
-    respond(p, d->id, d->opcode, 0, off);
+    respond(p, jidx, d->id, d->opcode, 0, off);
 }
 
 static void drain(int fd)
@@ -373,6 +406,13 @@ static void *vswitch_main(void *arg)
     iop_pin_cpu(s->cfg.cpu);
     uint64_t last = iop_now_ns();
     while (!__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE)) {
+        if (__atomic_load_n(&s->held, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&s->pausing, 1, __ATOMIC_RELEASE);
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        __atomic_store_n(&s->pausing, 0, __ATOMIC_RELEASE);
         BUMP(s->st.loops, 1);
         int progress = 0;
         for (int i = 0; i < IOP_VSW_MAX_PORTS; i++) {
@@ -381,9 +421,10 @@ static void *vswitch_main(void *arg)
             if (state == P_FREE)
                 continue;
             if (state == P_REMOVING) {
+                /* posted buffers keep their journal entries: a switch taking the
+                 * channel over posts them again */
                 if (p->dirty)
-                    iop_chan_publish(p->ch);
-                p->dirty = 0;
+                    publish(p);
                 mac_forget_port(s, i);
                 __atomic_store_n(&p->state, P_FREE, __ATOMIC_RELEASE);
                 continue;
@@ -406,22 +447,33 @@ static void *vswitch_main(void *arg)
                 }
                 continue;
             }
-            for (uint32_t k = 0; k < s->cfg.batch; k++) {
+            for (uint32_t k = 0;; k++) {
                 /* room for every posted buffer's response and this request's */
                 if (iop_chan_tx_room(p->ch) <= p->rx_count)
                     break;
-                if (iop_chan_pop(p->ch, &d))
-                    break;
+                int jidx = -1;
+                if (!p->j) {
+                    if (k >= s->cfg.batch || iop_chan_pop(p->ch, &d))
+                        break;
+                } else {
+                    /* a port taken over: what its journal holds runs first, in order
+                     * and all of it (a receiver's buffers are posted again before
+                     * other ports' frames come), then the ring */
+                    jidx = iop_jrnl_next_replay(p->j, &d);
+                    if (jidx == -EAGAIN && k < s->cfg.batch)
+                        jidx = iop_jrnl_take(p->j, p->ch, &d);
+                    if (jidx < 0)
+                        break;
+                }
                 progress++;
-                guest_request(s, i, &d);
+                guest_request(s, i, &d, jidx);
             }
         }
         for (int i = 0; i < IOP_VSW_MAX_PORTS; i++) {
             struct port *p = &s->ports[i];
             if (p->dirty) {
-                iop_chan_publish(p->ch);
+                publish(p);
                 iop_chan_sync_counters(p->ch);
-                p->dirty = 0;
             }
         }
         uint64_t now = iop_now_ns();
@@ -472,16 +524,20 @@ int iop_vswitch_start(void *pool_base, uint64_t pool_len, const struct iop_vswit
 static void wake(struct iop_vswitch *s) { iop_wake_fd(s->wake_fd); }
 
 int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, struct iop_chan *ch,
-                    const struct iop_xlate_table *xlate)
+                    const struct iop_xlate_table *xlate, struct iop_jrnl *jrnl)
 {
     if (!s || !cfg)
         return -EINVAL;
     if (cfg->kind == IOP_VSW_UPLINK) {
-        if (cfg->fd < 0)
+        if (cfg->fd < 0 || jrnl)
             return -EINVAL;
     } else if (cfg->kind == IOP_VSW_GUEST) {
         if (!ch || !xlate || iop_chan_role(ch) != IOP_ROLE_SERVER || !cfg->rx_slots ||
             cfg->rx_slots > IOP_RING_MAX || (cfg->mac[0] & 1))
+            return -EINVAL;
+        /* every request the ring can hold may sit in the journal (posted buffers
+         * wait there): a smaller one would stall the port once buffers fill it */
+        if (jrnl && iop_jrnl_entries(jrnl) < ch->nslots)
             return -EINVAL;
     } else {
         return -EINVAL;
@@ -489,10 +545,16 @@ int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, stru
     if (cfg->mtu < 68 || (uint32_t)cfg->mtu + 18 > IOP_VSW_FRAME_MAX)
         return -EINVAL;
     struct posted *rxq = NULL;
+    uint32_t *unpub = NULL;
     if (cfg->kind == IOP_VSW_GUEST) {
         rxq = calloc(cfg->rx_slots, sizeof *rxq);
-        if (!rxq)
+        if (jrnl)
+            unpub = calloc(iop_jrnl_entries(jrnl), sizeof *unpub);
+        if (!rxq || (jrnl && !unpub)) {
+            free(rxq);
+            free(unpub);
             return -ENOMEM;
+        }
     }
     pthread_mutex_lock(&s->mu);
     int id = -ENOSPC;
@@ -501,19 +563,23 @@ int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, stru
         if (__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) != P_FREE)
             continue;
         free(p->rxq);
+        free(p->unpub);
         memset(p, 0, sizeof *p);
         p->cfg = *cfg;
         p->ch = ch;
         p->xlate = xlate;
         p->rxq = rxq;
+        p->j = jrnl;
+        p->unpub = unpub;
         __atomic_store_n(&p->state, P_ACTIVE, __ATOMIC_RELEASE);
         id = i;
         break;
     }
     pthread_mutex_unlock(&s->mu);
-    if (id < 0)
+    if (id < 0) {
         free(rxq);
-    else
+        free(unpub);
+    } else
         wake(s);
     return id;
 }
@@ -555,6 +621,23 @@ int iop_vswitch_lookup(struct iop_vswitch *s, const uint8_t *mac)
     return e ? e->port : -ENOENT;
 }
 
+int iop_vswitch_hold(struct iop_vswitch *s, int on)
+{
+    if (!s)
+        return -EINVAL;
+    __atomic_store_n(&s->held, on ? 1 : 0, __ATOMIC_RELEASE);
+    if (!on)
+        return 0;
+    /* wait until the thread is between passes: nothing is half switched */
+    while (!__atomic_load_n(&s->pausing, __ATOMIC_ACQUIRE) &&
+           !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE)) {
+        iop_wake_fd(s->wake_fd);
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}
+
 int iop_vswitch_stop(struct iop_vswitch *s)
 {
     if (!s)
@@ -564,8 +647,9 @@ int iop_vswitch_stop(struct iop_vswitch *s)
     pthread_join(s->thread, NULL);
     for (int i = 0; i < IOP_VSW_MAX_PORTS; i++) {
         if (s->ports[i].dirty)
-            iop_chan_publish(s->ports[i].ch);
+            publish(&s->ports[i]);
         free(s->ports[i].rxq);
+        free(s->ports[i].unpub);
     }
     close(s->wake_fd);
     pthread_mutex_destroy(&s->mu);

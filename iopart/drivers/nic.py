@@ -20,10 +20,15 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute, NetNS, netns
+from typing import TYPE_CHECKING
 
 from iopart.errors import IopartError
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute, NetNS
+
+# pyroute2 is imported where links are made: an I/O partition that adopts its uplinks
+# from the fd store never loads it (a smaller process starts and dies faster)
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -73,6 +78,7 @@ def disable_tx_checksum(ifname: str, ns: str | None = None) -> None:
     """Make the kernel finish checksums before frames leave `ifname`. A veth hands out
     frames whose checksum is left to "hardware"; read through AF_PACKET and delivered
     into a guest's TAP, those would be dropped there as corrupt."""
+    from pyroute2 import netns
     if ns is not None:
         netns.pushns(ns)
     try:
@@ -95,6 +101,7 @@ def _link_index(ipr: IPRoute | NetNS, name: str) -> int:
 
 def configure(ns: str, ifname: str, address: str | None, mac: str | None = None) -> None:
     """Bring `ifname` (and lo) up in namespace `ns`, with an address and MAC if given."""
+    from pyroute2 import NetNS
     with NetNS(ns) as n:
         idx = _link_index(n, ifname)
         if mac:
@@ -107,11 +114,13 @@ def configure(ns: str, ifname: str, address: str | None, mac: str | None = None)
 
 
 def move_to_netns(ifname: str, ns: str) -> None:
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         ipr.link("set", index=_link_index(ipr, ifname), net_ns_fd=ns)
 
 
 def remove_netns(ns: str) -> None:
+    from pyroute2 import netns
     with contextlib.suppress(OSError, FileNotFoundError):
         netns.remove(ns)
 
@@ -128,6 +137,7 @@ class VethUplink:
 
     @classmethod
     def create(cls, tag: str, address: str = "10.78.0.1/24") -> VethUplink:
+        from pyroute2 import IPRoute, netns
         host_if, ns, peer_if = f"iov{tag}"[:15], f"iopart-up-{tag}", "uplink0"
         remove_netns(ns)  # a crashed predecessor's namespace (and the veth in it)
         with IPRoute() as ipr:
@@ -202,6 +212,7 @@ class TapUplink:
 
     @classmethod
     def create(cls, name: str) -> TapUplink:
+        from pyroute2 import IPRoute
         fd = open_tap(name)
         try:
             with IPRoute() as ipr:

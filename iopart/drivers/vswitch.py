@@ -2,7 +2,9 @@
 
 `VSwitch` starts one native thread (native/vswitch.c) that switches frames among
 guest ports (channels) and uplink ports (NIC fds). Python adds and removes ports
-and reads counters; it never runs per frame.
+and reads counters; it never runs per frame. A guest port of a failover channel is
+added with the channel's opened journal (iopart.channels.journal): what a previous
+switch took and did not complete visibly runs first.
 """
 
 from __future__ import annotations
@@ -87,23 +89,30 @@ class VSwitch:
         self._keep: dict[int, tuple[Any, ...]] = {}
 
     def _add(self, kind: int, fd: int, mac: bytes, mtu: int, rx_slots: int, ch: Any,
-             xlate: Any, keep: tuple[Any, ...]) -> int:
+             xlate: Any, keep: tuple[Any, ...], journal: Any = None) -> int:
         cfg = ffi.new("struct iop_vport_cfg *")
         cfg.kind, cfg.fd, cfg.mtu, cfg.rx_slots = kind, fd, mtu, rx_slots
         cfg.mac = list(mac)
-        port = check(int(lib.iop_vswitch_add(self._s, cfg, ch, xlate)), "add port")
+        jrnl = journal if journal is not None else ffi.NULL
+        port = check(int(lib.iop_vswitch_add(self._s, cfg, ch, xlate, jrnl)), "add port")
         self._keep[port] = keep
         return port
 
     def add_guest(self, end: ChannelEnd, xlate: Any, mac: bytes, *, mtu: int = 1500,
-                  rx_slots: int | None = None) -> int:
-        """A guest's NIC: frames from `end` must carry source `mac`."""
+                  rx_slots: int | None = None, journal: Any = None) -> int:
+        """A guest's NIC: frames from `end` must carry source `mac`.
+
+        journal: the channel's opened `struct iop_jrnl *` (failover channels, at least
+        as many entries as the ring has slots); what it holds from a previous switch
+        runs first. It must outlive the port (remove() or stop()). Add the ports that
+        receive before the ones that send to them."""
         if end.role is not Role.SERVER:
             raise ChannelError("a switch port needs the server end of a channel")
         if mac[0] & 1:
             raise NicError(f"{format_mac(mac)} is a multicast address, not a NIC's")
         # the ring bounds posted buffers anyway: a buffer waits for a response slot
-        return self._add(GUEST, -1, mac, mtu, rx_slots or 1024, end.handle, xlate, (end, xlate))
+        return self._add(GUEST, -1, mac, mtu, rx_slots or 1024, end.handle, xlate,
+                         (end, xlate, journal), journal)
 
     def add_uplink(self, fd: int, *, mtu: int = 1500) -> int:
         """A host NIC's fd (TAP, AF_PACKET socket, datagram socket); made non-blocking."""
@@ -130,6 +139,10 @@ class VSwitch:
     def lookup(self, mac: bytes) -> int | None:
         rc = int(lib.iop_vswitch_lookup(self._s, mac))
         return None if rc < 0 else rc
+
+    def hold(self, on: bool) -> None:
+        """Hold the switch between passes (returns once it holds) or let it go on."""
+        check(int(lib.iop_vswitch_hold(self._s, int(on))), "hold switch")
 
     def stop(self) -> None:
         if self._s is not None:

@@ -13,6 +13,14 @@
  * write access) that is completed with len = frame length when a frame arrives for
  * the port. With no buffer posted the frame is dropped and counted, as a real NIC
  * drops what its receive ring has no room for.
+ *
+ * Failover (iop_journal.h): a guest port added with its channel's journal takes every
+ * request through it; posted receive buffers stay TAKEN there while they wait. A
+ * switch that took the channel over runs the entries it found first: frames are sent
+ * again (a receiver may get a frame twice), buffers are posted again (a frame that was
+ * copied into one whose completion was never published is lost). Frames a guest
+ * queued for transmit are never lost. Add receiving ports before the ports that send
+ * to them: a frame switched to a port not yet added is not delivered.
  */
 #ifndef IOP_VSWITCH_H
 #define IOP_VSWITCH_H
@@ -73,17 +81,27 @@ struct iop_vswitch_stats {
 struct iop_vswitch;
 struct iop_chan;
 struct iop_xlate_table;
+struct iop_jrnl;
 
 int iop_vswitch_start(void *pool_base, uint64_t pool_len, const struct iop_vswitch_cfg *cfg,
                       struct iop_vswitch **out);
-/* Add a port; ch and xlate for guest ports (NULL for uplinks). Returns its id. */
+/* Add a port; ch and xlate for guest ports (NULL for uplinks). jrnl (guest ports, may
+ * be NULL) is the channel's in-flight journal, opened for this switch, with at least as
+ * many entries as the ring has slots: its queued entries run first. The switch uses it
+ * until the port is removed or the switch stopped (the caller closes it after).
+ * Returns the port id (>= 0) or -errno. */
 int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, struct iop_chan *ch,
-                    const struct iop_xlate_table *xlate);
+                    const struct iop_xlate_table *xlate, struct iop_jrnl *jrnl);
 int iop_vswitch_remove(struct iop_vswitch *s, int id);
 int iop_vport_stats(struct iop_vswitch *s, int id, struct iop_vport_stats *out);
 void iop_vswitch_stats(struct iop_vswitch *s, struct iop_vswitch_stats *out);
 /* The port a MAC was learned on, or -ENOENT. */
 int iop_vswitch_lookup(struct iop_vswitch *s, const uint8_t *mac);
+/* Hold the switch between passes (on = 1: returns once it is holding) or let it go
+ * on. A standby taking over adds every port while held, so no frame replayed from one
+ * port's journal is switched before its destination port is back. Do not remove
+ * ports while held. */
+int iop_vswitch_hold(struct iop_vswitch *s, int on);
 int iop_vswitch_stop(struct iop_vswitch *s);
 
 #endif
