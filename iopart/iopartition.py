@@ -620,7 +620,7 @@ class IoPartition:
         listener.listen(64)
         self.sel.register(listener, selectors.EVENT_READ, ("listen", None))
         self.sel.register(self.link.fileno(), selectors.EVENT_READ, ("ultravisor", None))
-        set_priority(SERVING_NICE)
+        raise_control_priority()
         log.info("%s up (%s): engine %s, heartbeat deadline %d ms, metrics %s", self.name,
                  ROLES[self.role], self.server.config.engine.name, self.heartbeat_ns // 10**6,
                  self.metrics_url)
@@ -707,15 +707,17 @@ class IoPartition:
         self.link.close()
 
 
-STARTUP_NICE = 10
-SERVING_NICE = -10  # above guests: a takeover or a data-path thread is not kept waiting
+# The main thread, which watches the other I/O partition and takes over, runs above
+# guests once the partition serves or stands by: a takeover is not kept waiting. The
+# data-path threads keep the default (busy, they would starve a restarting partition
+# on a small host) and the heartbeat thread is real-time.
+CONTROL_NICE = -10
 
 
-def set_priority(nice: int) -> None:
-    """Every thread of this process (Linux nice values are per thread)."""
-    for task in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, int(task), nice)
+def raise_control_priority() -> None:
+    """This thread only (Linux nice values are per thread)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, CONTROL_NICE)
 
 
 class EndpointCollector(Collector):
@@ -782,9 +784,6 @@ def main() -> None:
     p.add_argument("--config", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(message)s")
-    # starting up (imports, set-up) yields the CPU to the I/O partition that serves
-    # meanwhile, which may be taking over from our predecessor right now
-    set_priority(STARTUP_NICE)
     cfg = load_config(args.config).io
     try:
         iop = IoPartition(args.state_dir, args.name, Engine.parse(cfg.engine),

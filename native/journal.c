@@ -16,6 +16,7 @@
 #include "iop_channel.h"
 #include "iop_internal.h"
 #include "iop_journal.h"
+#include "iop_vswitch.h"
 #include "iop_worker.h"
 
 _Static_assert(sizeof(struct iop_jrnl_hdr) == IOP_JRNL_HDR_SIZE, "journal header size");
@@ -125,6 +126,11 @@ int iop_jrnl_open(void *mem, uint64_t len, struct iop_chan *ch, uint32_t owner,
             j->free_stack[j->nfree++] = i;
             continue;
         }
+        if (en->state == IOP_JE_DONE) {
+            h->requeued++;
+            if (entry_desc(j, i)->opcode == IOP_OP_NET_RX)
+                h->requeued_rx++;
+        }
         en->state = IOP_JE_TAKEN;
         j->replay[j->nreplay++] = i;
     }
@@ -183,6 +189,33 @@ int iop_jrnl_take(struct iop_jrnl *j, struct iop_chan *ch, struct iop_desc *out)
     __atomic_store_n(&en->state, IOP_JE_TAKEN, __ATOMIC_RELEASE);
     iop_chan_consume(ch);
     return (int)i;
+}
+
+void iop_jrnl_replay_first(struct iop_jrnl *j, uint16_t opcode)
+{
+    /* stable: entries of that kind keep their order, and so do the others */
+    uint32_t n = j->nreplay - j->replay_next, w = 0;
+    uint32_t *q = j->replay + j->replay_next;
+    uint32_t *rest = malloc(n * sizeof *rest + 1);
+    uint32_t nrest = 0;
+    if (!rest)
+        return; /* the order stays as taken: still correct for one port */
+    for (uint32_t k = 0; k < n; k++) {
+        if (entry_desc(j, q[k])->opcode == opcode)
+            q[w++] = q[k];
+        else
+            rest[nrest++] = q[k];
+    }
+    memcpy(q + w, rest, nrest * sizeof *rest);
+    free(rest);
+}
+
+int iop_jrnl_next_replay_op(struct iop_jrnl *j, uint16_t opcode, struct iop_desc *out)
+{
+    if (j->replay_next >= j->nreplay ||
+        entry_desc(j, j->replay[j->replay_next])->opcode != opcode)
+        return -EAGAIN;
+    return iop_jrnl_next_replay(j, out);
 }
 
 int iop_jrnl_next_replay(struct iop_jrnl *j, struct iop_desc *out)

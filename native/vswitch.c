@@ -399,6 +399,29 @@ static void sleep_all(struct iop_vswitch *s)
             drain(pf[i].fd);
 }
 
+/* After a takeover, every port's receive buffers are posted again before any port's
+ * frames are replayed: a frame replayed from one port must find the buffers its
+ * destination had posted. */
+static int replay_receive_buffers(struct iop_vswitch *s)
+{
+    struct iop_desc d;
+    int n = 0;
+    for (int i = 0; i < IOP_VSW_MAX_PORTS; i++) {
+        struct port *p = &s->ports[i];
+        if (!p->j || __atomic_load_n(&p->state, __ATOMIC_ACQUIRE) != P_ACTIVE ||
+            !iop_jrnl_pending_replays(p->j) || iop_chan_broken(p->ch))
+            continue;
+        while (iop_chan_tx_room(p->ch) > p->rx_count) {
+            int jidx = iop_jrnl_next_replay_op(p->j, IOP_OP_NET_RX, &d);
+            if (jidx < 0)
+                break;
+            guest_request(s, i, &d, jidx);
+            n++;
+        }
+    }
+    return n;
+}
+
 static void *vswitch_main(void *arg)
 {
     struct iop_vswitch *s = arg;
@@ -414,7 +437,7 @@ static void *vswitch_main(void *arg)
         }
         __atomic_store_n(&s->pausing, 0, __ATOMIC_RELEASE);
         BUMP(s->st.loops, 1);
-        int progress = 0;
+        int progress = replay_receive_buffers(s);
         for (int i = 0; i < IOP_VSW_MAX_PORTS; i++) {
             struct port *p = &s->ports[i];
             int state = __atomic_load_n(&p->state, __ATOMIC_ACQUIRE);
@@ -571,6 +594,8 @@ int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, stru
         p->rxq = rxq;
         p->j = jrnl;
         p->unpub = unpub;
+        if (jrnl) /* the switch thread does not look at this port yet */
+            iop_jrnl_replay_first(jrnl, IOP_OP_NET_RX);
         __atomic_store_n(&p->state, P_ACTIVE, __ATOMIC_RELEASE);
         id = i;
         break;

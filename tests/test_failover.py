@@ -1,11 +1,12 @@
 """Failover between the two I/O partitions, on a real stack with real guests.
 
 The chaos test: guests run verifying mixed 4k I/O (every write stamped, every read
-checked against the last acknowledged version, every block again at the end)
-while the active I/O partition is SIGKILLed at random moments, sometimes hung
-with SIGSTOP (the standby fences it after the heartbeat deadline), and sometimes
-killed together with the standby in the middle of its takeover. The count is
-IOPART_CHAOS_FAULTS (default 24 here; `make chaos` runs 200).
+checked against the last acknowledged version, every block again at the end), and
+one NIC guest sends sequence-numbered frames to another, while the active I/O
+partition is SIGKILLed at random moments, sometimes hung with SIGSTOP (the standby
+fences it after the heartbeat deadline), and sometimes killed together with the
+standby in the middle of its takeover. The count is IOPART_CHAOS_FAULTS (default 24
+here; `make chaos` runs 200).
 """
 
 from __future__ import annotations
@@ -29,22 +30,27 @@ pytestmark = pytest.mark.system
 FAULTS = int(os.environ.get("IOPART_CHAOS_FAULTS", "24"))
 
 
-def start_load(s: Stack, name: str, stop: Path) -> subprocess.Popen[str]:
+def start_load(s: Stack, name: str, stop: Path, what: str = "disk") -> subprocess.Popen[str]:
+    dev = ["--disk-size", "8M"] if what == "disk" else ["--nic", "nic0"]
     argv = [sys.executable, "-m", "iopart.cli", "guest", "run", name, *s.sd(), "--memory",
-            "32M", "--cpu", "0.5", "--disk-size", "8M", "--", "python3", "-m",
-            "iopart.loadgen", "disk", "--stop", str(stop)]
+            "32M", "--cpu", "0.3", *dev, "--", "python3", "-m", "iopart.loadgen", what,
+            "--stop", str(stop)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(p: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
+def finish(p: subprocess.Popen[str], timeout: float = 180) -> tuple[str, str]:
+    """Wait for a guest (killed if it takes longer); its output."""
     try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    assert p.returncode == 0 and lines, f"guest failed ({p.returncode}): {out[-3000:]}{err[-3000:]}"
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return p.communicate()
+
+
+def result(p: subprocess.Popen[str], out: tuple[str, str]) -> dict[str, Any]:
+    lines = [ln for ln in out[0].splitlines() if ln.startswith("{")]
+    assert p.returncode == 0 and lines, \
+        f"guest failed ({p.returncode}): {out[0][-3000:]}{out[1][-3000:]}"
     doc: dict[str, Any] = json.loads(lines[-1])
     return doc
 
@@ -62,22 +68,33 @@ def fault_plan(n: int, rng: random.Random) -> list[str]:
 
 def test_chaos_faults_lose_and_duplicate_no_acknowledged_io(stack: Stack, tmp_path: Path
                                                             ) -> None:
-    stop = tmp_path / "stop"
+    stop, stop_send, stop_recv = (tmp_path / n for n in ("stop", "stop-send", "stop-recv"))
     rng = random.Random(6)
     loads = [start_load(stack, f"chaos{i}", stop) for i in range(2)]
+    recv = start_load(stack, "nicrecv", stop_recv, "nic-recv")
+    send = start_load(stack, "nicsend", stop_send, "nic-send")
     try:
         faults.wait_redundant(stack.dir)
         time.sleep(1.0)
-        for p in loads:
+        for p in (*loads, send, recv):
             assert p.poll() is None, p.communicate()
         kinds = fault_plan(FAULTS, rng)
         t0 = time.monotonic()
         done = faults.run_faults(stack.dir, kinds, rng, pause_s=(0.02, 0.25))
         took = time.monotonic() - t0
         time.sleep(0.5)
+        # while the guests still run: their endpoints, served by the active one
+        active, standby = faults.wait_redundant(stack.dir)
+        status = stack.status()
     finally:
         stop.touch()
-        results = [finish(p) for p in loads]
+        stop_send.touch()
+        outs = [finish(p) for p in (*loads, send)]
+        time.sleep(0.5)  # the last frames reach the receiver
+        stop_recv.touch()
+        outs.append(finish(recv))
+    results = [result(p, o) for p, o in zip(loads, outs, strict=False)]
+    sent, got = result(send, outs[2]), result(recv, outs[3])
     assert len(done) == FAULTS
     for r in results:
         summary = {k: r[k] for k in ("ops", "errors", "verify_failures", "duplicates")}
@@ -89,18 +106,30 @@ def test_chaos_faults_lose_and_duplicate_no_acknowledged_io(stack: Stack, tmp_pa
         assert r["first_error"] == 0
         assert r["final"]["verified_bytes"] == r["span"], "not every block was read back"
         assert r["ops"] > 10 * FAULTS, f"the load hardly ran: {summary}"
-    active, standby = faults.wait_redundant(stack.dir)
-    status = stack.status()
     io = status["io"]
     assert io[active]["role"] == "active" and io[standby]["role"] == "standby"
-    assert len(io[active]["endpoints"]) == 2, io[active]["endpoints"]
+    assert len(io[active]["endpoints"]) == 4, io[active]["endpoints"]  # every guest has a disk
+    assert len(io[active]["nic_ports"]) == 2, io[active]["nic_ports"]
+    # NIC: every frame the sender queued arrived, except frames that were already in a
+    # receive buffer whose completion died with a switch (a receive drop, counted)
+    ports = {p["partition"]: p for p in io[active]["nic_ports"]}
+    rx_lost = ports["nicrecv"]["journal"]["requeued_rx"]
+    missing = got["n_missing_below"] + max(0, sent["queued"] - 1 - got["max_seq"])
+    assert sent["queued"] > 10 * FAULTS and sent["failed"] == 0, sent
+    assert sent["duplicates"] == 0 and got["duplicates"] == 0, (sent, got)
+    assert got["bad"] == 0, got
+    assert missing <= rx_lost, (f"{missing} frames queued for transmit never arrived, "
+                                f"only {rx_lost} receive drops counted at takeovers: "
+                                f"{got['missing_below'][:20]} {sent} {got}")
     assert io[active]["failovers"] >= FAULTS - kinds.count("double")
     restarts = sum(c["restarts"] for n, c in status["boot"]["children"].items()
                    if n in ("iop-a", "iop-b"))
     assert restarts >= FAULTS + kinds.count("double")
     print(f"{FAULTS} faults ({kinds.count('kill')} kills, {kinds.count('hang')} hangs, "
           f"{kinds.count('double')} double) in {took:.1f} s; "
-          f"{sum(r['ops'] for r in results)} verified requests, 0 lost, 0 duplicated")
+          f"{sum(r['ops'] for r in results)} verified requests, 0 lost, 0 duplicated; "
+          f"{sent['queued']} frames queued, {got['received']} received ({got['twice']} twice), "
+          f"{missing} missing <= {rx_lost} receive drops at takeovers")
 
 
 def test_fail_cli_kills_the_active_and_the_standby_takes_over(stack: Stack) -> None:

@@ -36,6 +36,8 @@ class JournalState:
     replayed: int
     retired: int
     skipped: int
+    requeued: int
+    requeued_rx: int
     in_flight: int
 
     def to_dict(self) -> dict[str, int]:
@@ -77,7 +79,8 @@ class Journal:
             if int(ent[i * stride].state) != int(lib.IOP_JE_FREE):
                 busy += 1
         return JournalState(int(h.owner), int(h.epoch), int(h.takeovers), int(h.replayed),
-                            int(h.retired), int(h.skipped), busy)
+                            int(h.retired), int(h.skipped), int(h.requeued),
+                            int(h.requeued_rx), busy)
 
     def close(self) -> None:
         if self.handle is not None:

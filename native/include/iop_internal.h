@@ -82,6 +82,11 @@ void iop_chan_consume(struct iop_chan *ch);
 struct iop_jrnl;
 int iop_jrnl_take(struct iop_jrnl *j, struct iop_chan *ch, struct iop_desc *out);
 int iop_jrnl_next_replay(struct iop_jrnl *j, struct iop_desc *out);
+/* Move the queued entries of one kind ahead of the rest (a switch posts receive
+ * buffers again before it replays any port's frames); next_replay_op: the next queued
+ * entry only if it is of that kind, else -EAGAIN. */
+void iop_jrnl_replay_first(struct iop_jrnl *j, uint16_t opcode);
+int iop_jrnl_next_replay_op(struct iop_jrnl *j, uint16_t opcode, struct iop_desc *out);
 void iop_jrnl_done(struct iop_jrnl *j, int idx, uint32_t rsp_pos);
 void iop_jrnl_retire(struct iop_jrnl *j, int idx);
 

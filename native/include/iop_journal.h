@@ -42,7 +42,11 @@ struct iop_jrnl_hdr {
     uint64_t replayed;   /* entries re-executed by a server that took over */
     uint64_t retired;    /* entries found completed at a takeover, not re-executed */
     uint64_t skipped;    /* entries found still at the head of the request ring */
-    uint8_t pad[56];
+    uint64_t requeued;   /* completions pushed but never published: run again */
+    uint64_t requeued_rx; /* of those, NIC receive buffers: the frame in each is lost
+                           * (a receive drop, as on real hardware) and the buffer
+                           * posted again */
+    uint8_t pad[40];
 };
 
 struct iop_jentry {
