@@ -37,7 +37,7 @@ from iopart.errors import IopartError
 from iopart.pool import Extent
 
 AREA_MAGIC = 0x41455241504F49  # "IOPAREA"
-AREA_VERSION = 1
+AREA_VERSION = 2
 HEADER_BYTES = 128 << 10
 RECORD_BYTES = 128 << 10
 RECORD_HEAD = 4 << 10      # record header page
@@ -52,6 +52,9 @@ KINDS = {DISK: "disk", NIC: "nic"}
 ROLE_NONE, ROLE_STANDBY, ROLE_ACTIVE = 0, 1, 2
 ROLES = {ROLE_NONE: "down", ROLE_STANDBY: "standby", ROLE_ACTIVE: "active"}
 MODES = ("rw", "ro", "shared")
+# a freed record is not handed out again for this long: the guest of the monitor that
+# mapped its channel dies a moment after the monitor (PDEATHSIG) and must be gone
+REUSE_AFTER_NS = 2_000_000_000
 #: the redundant I/O partitions, by slot in the area header
 IO_PARTITIONS = ("iop-a", "iop-b")
 
@@ -83,7 +86,8 @@ class RecordHeader(ctypes.Structure):
                 ("flags", ctypes.c_uint32), ("mode", ctypes.c_uint32),
                 ("mac", ctypes.c_uint8 * 8), ("nslots", ctypes.c_uint32),
                 ("slot_size", ctypes.c_uint32), ("chan_len", ctypes.c_uint64),
-                ("created_ns", ctypes.c_uint64), ("path", ctypes.c_char * 512)]
+                ("created_ns", ctypes.c_uint64), ("freed_ns", ctypes.c_uint64),
+                ("path", ctypes.c_char * 512)]
 
 
 FLAG_RO, FLAG_DIRECT = 1, 2
@@ -193,9 +197,10 @@ class IoArea:
         if JOURNAL_OFF + jlen > CHANNEL_OFF or geometry.size() > CHANNEL_LEN:
             raise AreaError(f"a channel of {geometry} does not fit a record", errno=errno.E2BIG)
         with self.lock():
+            now = monotonic_ns()
             for i in range(self.nrecords):
                 h = self._head(i)
-                if h.state != FREE:
+                if h.state != FREE or (h.freed_ns and now - h.freed_ns < REUSE_AFTER_NS):
                     continue
                 h.state = CLAIMED
                 h.claimer = os.getpid()
@@ -234,6 +239,7 @@ class IoArea:
             if h.generation != rec.generation or h.state == FREE:
                 return False
             h.state = FREE
+            h.freed_ns = monotonic_ns()
             return True
 
     def free_abandoned(self) -> list[int]:
@@ -244,6 +250,7 @@ class IoArea:
                 h = self._head(i)
                 if h.state == CLAIMED and not pid_alive(h.claimer):
                     h.state = FREE
+                    h.freed_ns = monotonic_ns()
                     out.append(i)
         return out
 

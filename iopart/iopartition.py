@@ -401,6 +401,7 @@ class IoPartition:
                 except (IopartError, OSError) as exc:
                     log.error("cannot take over record %d (%s %s): %s", rec.index,
                               rec.partition, rec.device, exc)
+                    self.unusable(rec, prep.bells if prep else None)
             if held:
                 self.switch.hold(False)
             me.takeovers += 1 if was_standby else 0
@@ -420,6 +421,24 @@ class IoPartition:
             self.ensure_nics()
 
     # -- endpoints
+    def unusable(self, rec: Record, bells: Doorbells | None) -> None:
+        """A record that cannot be served (its guest scribbled on its channel): nobody
+        serves it, and it is freed only once its monitor is gone, since until then the
+        guest still maps those pages."""
+        if bells is not None:
+            bells.close()
+        try:
+            pidfd = os.pidfd_open(rec.monitor_pid)
+        except OSError:
+            self.free_record(rec)
+            return
+        self.sel.register(pidfd, selectors.EVENT_READ, ("unusable", rec))
+
+    def free_record(self, rec: Record) -> None:
+        if self.area.free(rec):
+            with contextlib.suppress(IopartError):
+                fdstore(self.state_dir, "drop", rec.key)
+
     def serve(self, rec: Record, bells: Doorbells | None, conn: socket.socket | None = None
               ) -> Endpoint:
         """Start serving a live (or just claimed) record: attach the server end, open the
@@ -566,9 +585,7 @@ class IoPartition:
         e.journal.close()
         e.end.close()
         e.bells.close()
-        if self.area.free(e.rec):
-            with contextlib.suppress(IopartError):
-                fdstore(self.state_dir, "drop", e.rec.key)
+        self.free_record(e.rec)
         log.info("%s detached %s: %s", e.partition, e.device, what)
 
     # -- counters
@@ -639,6 +656,12 @@ class IoPartition:
                             self.detach(e)
                     elif kind == "peer":
                         pass  # looked at below
+                    elif kind == "unusable":
+                        self.sel.unregister(key.fd)
+                        os.close(key.fd)
+                        self.free_record(e)
+                        log.info("record %d of %s freed: its monitor is gone", e.index,
+                                 e.partition)
                     elif not self.link.alive():
                         # a new ultravisor has a new pool: start again (boot restarts us)
                         log.warning("the ultravisor is gone: stopping")

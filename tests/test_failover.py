@@ -153,3 +153,77 @@ def test_fail_cli_kills_the_active_and_the_standby_takes_over(stack: Stack) -> N
         time.sleep(0.05)
     log = (stack.dir / "logs" / f"{active}.log").read_text()
     assert "missed its heartbeat" in log and "fencing it" in log
+
+
+HOSTILE = """
+import json, sys, time
+from pathlib import Path
+from iopart import client
+d = client.open_disk()
+d.write(0, b"h" * 4096)
+# scribble over our own channel: header signature and ring indices
+raw = d.end._buf
+raw[0:8] = b"garbage!"
+raw[512:516] = (0x7FFFFFF0).to_bytes(4, "little")
+print(json.dumps({"scribbled": True}), flush=True)
+stop = Path(sys.argv[1])
+while not stop.exists():
+    time.sleep(0.05)
+"""
+
+
+def test_a_guest_that_scribbled_its_channel_is_not_taken_over_and_harms_nobody(
+        stack: Stack, tmp_path: Path) -> None:
+    """Its record cannot be served after a failover (the header and indices are checked);
+    the others' I/O goes on, and the new active I/O partition keeps running."""
+    stop = tmp_path / "stop"
+    prog = tmp_path / "hostile.py"
+    prog.write_text(HOSTILE)
+    hostile = subprocess.Popen(
+        [sys.executable, "-m", "iopart.cli", "guest", "run", "hostile", *stack.sd(),
+         "--disk-size", "4M", "--", "python3", str(prog), str(stop)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    good = start_load(stack, "good", stop)
+    try:
+        _active, standby = faults.wait_redundant(stack.dir)
+        deadline = time.monotonic() + 30
+        while "scribbled" not in (hostile.stdout.readline() if hostile.stdout else ""):
+            assert time.monotonic() < deadline and hostile.poll() is None
+        time.sleep(0.5)
+        faults.run_faults(stack.dir, ["kill", "kill"], random.Random(3))
+        new_active, _ = faults.wait_redundant(stack.dir)
+        time.sleep(0.5)
+        io = stack.status()["io"][new_active]
+    finally:
+        stop.touch()
+        out_good = finish(good)
+        finish(hostile)
+    r = result(good, out_good)
+    assert r["verify_failures"] == 0 and r["errors"] == 0 and r["duplicates"] == 0, r
+    assert r["final"]["verified_bytes"] == r["span"]
+    served = {e["partition"] for e in io["endpoints"]}
+    assert "good" in served and "hostile" not in served, served
+    log = (stack.dir / "logs" / f"{standby}.log").read_text()
+    assert "cannot take over record" in log and "hostile" in log
+    # its record is reused only after its monitor (which mapped the pages) is gone
+    deadline = time.monotonic() + 10
+    while not any("of hostile freed: its monitor is gone" in p.read_text()
+                  for p in (stack.dir / "logs").glob("iop-*.log")):
+        assert time.monotonic() < deadline, "the unusable record was never freed"
+        time.sleep(0.1)
+
+
+def test_the_fd_store_answers_only_io_partitions(stack: Stack) -> None:
+    from iopart.errors import ChannelError
+    from iopart.uvlink import fdstore
+
+    for op in ("get", "drop"):
+        with pytest.raises(ChannelError, match="only a connected I/O partition"):
+            fdstore(stack.dir, op, "ep0")
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ChannelError, match="only a connected I/O partition"):
+            fdstore(stack.dir, "put", "ep0", [r])
+    finally:
+        os.close(r)
+        os.close(w)
