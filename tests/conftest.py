@@ -68,7 +68,8 @@ def pair(pool: HostMemoryPool) -> Iterator[ChannelPair]:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    """A real host stack (boot, ultravisor, command, iop-a) in its own state directory."""
+    """A real host stack (boot, ultravisor, command, iop-a, iop-b) in its own state
+    directory."""
     s = Stack(tmp_path / "state")
     s.up()
     try:

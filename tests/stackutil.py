@@ -50,6 +50,14 @@ class Stack:
         doc: dict[str, Any] = self.call("status")
         return doc
 
+    def active_io(self) -> dict[str, Any]:
+        """The report of the active I/O partition (the one serving every endpoint)."""
+        for rep in self.status()["io"].values():
+            if rep.get("role") == "active":
+                doc: dict[str, Any] = rep
+                return doc
+        return {}
+
     def boot(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads((self.dir / "boot.json").read_text())
         return doc

@@ -53,6 +53,7 @@ def test_up_status_down(tmp_path: Path) -> None:
             "ultravisor": ("system", "running"),
             "command": ("system", "running"),
             "iop-a": ("io", "running"),
+            "iop-b": ("io", "running"),
         }
         kids = st["boot"]["children"]
         assert kids["ultravisor"]["alive"] and kids["command"]["alive"]
@@ -303,7 +304,8 @@ def test_a_session_beyond_the_system_area_is_refused_clearly(tmp_path: Path) -> 
     from iopart.uvlink import UltravisorLink
 
     cfg = tmp_path / "small.toml"
-    cfg.write_text("[host]\nsystem_mib = 64\nmemory_mib = 64\n")  # room for 3 sessions
+    # room for 4 sessions (boot, command, iop-a, iop-b) and the 16 MiB I/O area
+    cfg.write_text("[host]\nsystem_mib = 88\nmemory_mib = 64\n")
     s = Stack(tmp_path / "state", cfg)
     s.up()
     try:
