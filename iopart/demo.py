@@ -187,8 +187,8 @@ def _shared_disk(console: Console, guests: int = 4) -> bool:
 
 
 def _shared_nic(console: Console, state: Path) -> bool:
-    """Guests in network namespaces of their own, bridged to iop-a's switch: unmodified
-    ping between them and to the far end of the default uplink."""
+    """Guests in network namespaces of their own, bridged to the active I/O partition's
+    switch: unmodified ping between them and to the far end of the default uplink."""
     import subprocess
     import sys
     import time
@@ -200,7 +200,8 @@ def _shared_nic(console: Console, state: Path) -> bool:
                 str(state), "--memory", "16M", "--netns", "--ip", ip, "--", *prog]
 
     console.print("guests on the shared NIC: net1 (10.78.0.11) waits, net2 (10.78.0.12) "
-                  "pings it and the uplink's far end (10.78.0.1), all through iop-a's switch")
+                  "pings it and the uplink's far end (10.78.0.1), all through the active I/O "
+                  "partition's switch")
     target = subprocess.Popen(guest("net1", "10.78.0.11/24", "sleep", "6"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -256,7 +257,7 @@ def _failover(console: Console, state: Path) -> bool:
             rep = json.loads((state / f"{standby}.json").read_text())
             last = (rep.get("takeovers") or [{}])[-1]
             console.print(f"  {standby} took over ({last.get('why')}) in {last.get('ms')} ms; "
-                          f"boot restarted {active}, now the standby")
+                          f"boot restarts {active}, which comes back as the standby")
         time.sleep(0.5)
     finally:
         stop.touch()
