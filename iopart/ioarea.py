@@ -25,7 +25,8 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,10 +165,22 @@ class IoArea:
                                 errno=errno.EPROTO)
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, stuck: Callable[[], object] | None = None,
+             stuck_after_s: float = 0.1) -> Iterator[None]:
+        """The area lock. A holder that dies releases it; one that hangs does not, so a
+        waiter calls `stuck` (which may fence the hung holder) every stuck_after_s."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            since = time.monotonic()
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if stuck is not None and time.monotonic() - since > stuck_after_s:
+                        stuck()
+                        since = time.monotonic()
+                    time.sleep(0.0005)
             yield
         finally:
             os.close(fd)

@@ -229,7 +229,7 @@ class IoPartition:
     def ensure_default_disk(self) -> None:
         """With no disk in the database, create an image in the state directory (under the
         area lock: the two I/O partitions start together)."""
-        with self.area.lock():
+        with self.area.lock(stuck=self.fence_if_hung):
             devices = self.snapshot()["devices"]
             if any(d["kind"] == "disk" for d in devices.values()):
                 return
@@ -310,9 +310,23 @@ class IoPartition:
         return d
 
     # -- roles
+    def fence_if_hung(self) -> bool:
+        """Fence the other I/O partition if it is there but silent past the deadline (it
+        may hold the area lock, and must never wake up to serve). False if it would not
+        die."""
+        v = self.peer.verdict()
+        if v.alive or v.why != "heartbeat":
+            return True
+        log.warning("%s missed its heartbeat for %.1f ms: fencing it",
+                    IO_PARTITIONS[self.peer_slot], v.silent_ms)
+        if self.peer.fence():
+            return True
+        log.error("%s did not exit after SIGKILL", IO_PARTITIONS[self.peer_slot])
+        return False
+
     def decide_role(self) -> None:
         """Active unless the other I/O partition is alive: then standby."""
-        with self.area.lock():
+        with self.area.lock(stuck=self.fence_if_hung):
             me = self.area.server(self.slot)
             me.name = self.name.encode()
             me.pid = os.getpid()
@@ -357,12 +371,8 @@ class IoPartition:
                 return
             if v.why == "heartbeat":
                 t0 = monotonic_ns()
-                log.warning("%s missed its heartbeat for %.1f ms: fencing it",
-                            IO_PARTITIONS[self.peer_slot], v.silent_ms)
-                if not self.peer.fence():
-                    log.error("%s did not exit after SIGKILL: not taking over",
-                              IO_PARTITIONS[self.peer_slot])
-                    return
+                if not self.fence_if_hung():
+                    return  # not taking over what it might still touch
                 self.take_over(f"heartbeat missed for {v.silent_ms:.1f} ms "
                                f"(fenced in {(monotonic_ns() - t0) / 1e6:.1f} ms)")
             else:
@@ -374,8 +384,16 @@ class IoPartition:
         """Serve every live record: journals replayed, then new requests; open uplinks."""
         t0 = monotonic_ns()
         replayed = 0
-        with self.area.lock():
+        if not self.fence_if_hung():
+            return
+        with self.area.lock(stuck=self.fence_if_hung):
             hdr = self.area.header
+            if int(hdr.active) == self.peer_slot and self.peer.verdict().alive:
+                # decided under the lock: the other one took over first (it found our
+                # predecessor dead too) or it recovered; two servers never share a ring
+                log.info("%s: not taking over (%s): %s is active and alive", self.name, why,
+                         IO_PARTITIONS[self.peer_slot])
+                return
             hdr.active = self.slot
             hdr.failovers += 1 if self.role == ROLE_STANDBY else 0
             me = self.area.server(self.slot)
