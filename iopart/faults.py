@@ -63,15 +63,22 @@ def inject(state_dir: Path, name: str, *, hang: bool = False) -> dict[str, Any]:
         raise FaultError(f"{name} is not running", errno=errno.ESRCH)
     other = next(n for n in IO_PARTITIONS if n != name)
     other_up = other in pids and is_io_partition(pids[other], other)
+    role = roles(state_dir).get(name, "?")
     sig = signal.SIGSTOP if hang else signal.SIGKILL
     t = time.time()
     os.kill(pid, sig)
-    return {"partition": name, "pid": pid, "signal": sig.name, "at": t,
-            "standby": other if other_up else None,
-            "note": (f"{other} fences it after the heartbeat deadline and takes over"
-                     if hang else f"{other} takes over") if other_up else
-                    f"{other} is not running: nobody takes over until boot restarts {name}"
-                    + ("; a hung one stays hung (SIGCONT it)" if hang else "")}
+    if not other_up:
+        note = (f"{other} is not running: nobody takes over until boot restarts {name}"
+                + ("; a hung one stays hung (SIGCONT it)" if hang else ""))
+    elif role == "active":
+        note = (f"{other} fences it after the heartbeat deadline and takes over" if hang
+                else f"{other} takes over")
+    else:
+        note = (f"{name} was the {role}; {other} keeps serving"
+                + (" and fences it after the heartbeat deadline" if hang else "")
+                + f"; boot restarts {name}")
+    return {"partition": name, "pid": pid, "signal": sig.name, "at": t, "role": role,
+            "standby": other if other_up and role == "active" else None, "note": note}
 
 
 @dataclass

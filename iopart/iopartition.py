@@ -699,6 +699,8 @@ class IoPartition:
                         with contextlib.suppress(IopartError):
                             self.sync_nics()
                         self.area.free_abandoned()
+                        # a hung standby is no standby: fenced, boot restarts it
+                        self.fence_if_hung()
                     self.write_report()
                     next_report = now + 1.0
         finally:

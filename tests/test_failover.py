@@ -153,6 +153,19 @@ def test_fail_cli_kills_the_active_and_the_standby_takes_over(stack: Stack) -> N
         time.sleep(0.05)
     log = (stack.dir / "logs" / f"{active}.log").read_text()
     assert "missed its heartbeat" in log and "fencing it" in log
+    # a hung standby is no standby: the active fences it and boot restarts it
+    pid = stack.pids()[standby]
+    res = cli("fail", standby, *stack.sd(), "--hang", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["role"] == "standby" and doc["standby"] is None, doc
+    deadline = time.monotonic() + 20
+    while not (faults.current_roles(stack.dir) == (active, standby)
+               and stack.pids()[standby] != pid):
+        assert time.monotonic() < deadline, faults.current_roles(stack.dir)
+        time.sleep(0.05)
+    log = (stack.dir / "logs" / f"{active}.log").read_text()
+    assert log.count("fencing it") >= 2
 
 
 HOSTILE = """
