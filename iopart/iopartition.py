@@ -325,7 +325,12 @@ class IoPartition:
         return False
 
     def decide_role(self) -> None:
-        """Active unless the other I/O partition is alive: then standby."""
+        """Active unless the other I/O partition is alive: then standby. When the stack
+        comes up, the first of IO_PARTITIONS is given a moment to be the active one."""
+        deadline = time.monotonic() + FIRST_BOOT_WAIT_S
+        while (self.slot != 0 and int(self.area.header.active) < 0
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
         with self.area.lock(stuck=self.fence_if_hung):
             me = self.area.server(self.slot)
             me.name = self.name.encode()
@@ -749,6 +754,8 @@ class IoPartition:
         self.peer.close()
         self.link.close()
 
+
+FIRST_BOOT_WAIT_S = 3.0  # at the stack's first start, iop-b lets iop-a be the active one
 
 # The main thread, which watches the other I/O partition and takes over, runs above
 # guests once the partition serves or stands by: a takeover is not kept waiting. The
