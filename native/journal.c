@@ -147,6 +147,11 @@ int iop_jrnl_open(void *mem, uint64_t len, struct iop_chan *ch, uint32_t owner,
     }
     if (h->next_seq <= max_seq)
         h->next_seq = max_seq + 1;
+    /* the previous server may have died between publishing completions and ringing the
+     * client's doorbell: ring it once. A spurious wake-up costs nothing; a lost one
+     * leaves the client asleep with its completions in the ring until its timeout. */
+    if (ch->kick_fd >= 0)
+        iop_wake_fd(ch->kick_fd);
     h->owner = owner;
     h->epoch++;
     h->takeovers++;

@@ -106,6 +106,9 @@ def test_chaos_faults_lose_and_duplicate_no_acknowledged_io(stack: Stack, tmp_pa
         assert r["first_error"] == 0
         assert r["final"]["verified_bytes"] == r["span"], "not every block was read back"
         assert r["ops"] > 10 * FAULTS, f"the load hardly ran: {summary}"
+        # a client left asleep (a lost doorbell) would wait out its 60 s timeout
+        longest = max(((b - a) / 1e9 for a, b in r["gaps"]), default=0.0)
+        assert longest < 10, f"I/O stalled for {longest:.1f} s"
     io = status["io"]
     assert io[active]["role"] == "active" and io[standby]["role"] == "standby"
     assert len(io[active]["endpoints"]) == 4, io[active]["endpoints"]  # every guest has a disk

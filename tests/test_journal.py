@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.blockrig import partition_memory
-from iopart.channels import Channel, ChannelGeometry, Role
+from iopart.channels import Channel, ChannelGeometry, Descriptor, Role
 from iopart.channels.journal import Journal, journal_size
 from iopart.client import DiskEndpoint, JobResult
 from iopart.drivers.blockserver import BlockServer, Engine, Extent, ServerConfig
@@ -122,3 +122,43 @@ def test_servers_killed_under_load_lose_and_duplicate_nothing(tmp_path: Path,
     cli.close()
     ch.close()
     memory.close()
+
+
+def test_a_takeover_wakes_a_client_the_dead_server_published_to_but_never_rang() -> None:
+    """The server died between publishing a completion and ringing the doorbell: the
+    client sleeps with its completion in the ring. Opening the journal rings it."""
+    pool = HostMemoryPool(4 << 20)
+    ch = Channel(pool, ChannelGeometry(nslots=8, slot_size=128))
+    jr_len = journal_size(8, 128)
+    jr_ext = pool.allocate(jr_len)
+    Journal(pool.mm, jr_ext.offset, jr_len).format(8, 128)
+    cli = ch.end(Role.CLIENT)
+    dead = ch.end(Role.SERVER, doorbells=False)  # publishes, never rings
+    cli.push(Descriptor(7))
+    cli.publish()
+    woke: list[float] = []
+
+    def sleeper() -> None:
+        t0 = time.monotonic()
+        cli.wait(10_000)
+        woke.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    time.sleep(0.3)  # the client is asleep on its doorbell
+    got = dead.pop()
+    assert got is not None
+    assert dead.push(Descriptor(7, status=0))
+    dead.publish()
+    time.sleep(0.3)
+    assert not woke, "the client should still sleep: nobody rang"
+    new = ch.end(Role.SERVER)
+    jr = Journal(pool.mm, jr_ext.offset, jr_len)
+    jr.open(new, owner=1)
+    t.join(5)
+    assert woke and woke[0] < 2, woke
+    assert cli.pop() == Descriptor(7, status=0)
+    jr.close()
+    for e in (cli, dead, new):
+        e.close()
+    ch.close()

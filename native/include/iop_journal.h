@@ -68,7 +68,8 @@ uint64_t iop_jrnl_size(uint32_t nentries, uint32_t slot_size);
 int iop_jrnl_format(void *mem, uint64_t len, uint32_t nentries, uint32_t slot_size);
 /* Check a journal and take it over for `owner`: entries are retired, skipped or
  * queued for re-execution against ch (just attached as the server end), and the
- * epoch is bumped. The handle lists the entries to re-execute (iop_jrnl_replay). */
+ * epoch is bumped, and the client's doorbell rung once (ch's doorbells must be set).
+ * The handle lists the entries to re-execute (iop_jrnl_replay). */
 int iop_jrnl_open(void *mem, uint64_t len, struct iop_chan *ch, uint32_t owner,
                   struct iop_jrnl **out);
 void iop_jrnl_close(struct iop_jrnl *j);
