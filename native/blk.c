@@ -42,8 +42,6 @@ struct ep {
     uint32_t inflight;
     int dirty;
     struct iop_jrnl *j;   /* failover channels: the in-flight journal, else NULL */
-    uint32_t *unpub;      /* journal entries whose completions await publish */
-    uint32_t nunpub;
     struct iop_blk_stats st;
 };
 
@@ -109,7 +107,6 @@ static void req_put(struct iop_blk_server *s, struct req *r)
 static void respond(struct ep *e, int jidx, uint64_t id, uint16_t op, int status, uint32_t len,
                     uint64_t offset)
 {
-    uint32_t pos = iop_chan_tx_pos(e->ch);
     struct iop_desc rsp;
     memset(&rsp, 0, IOP_DESC_HDR_SIZE);
     rsp.id = id;
@@ -117,22 +114,14 @@ static void respond(struct ep *e, int jidx, uint64_t id, uint16_t op, int status
     rsp.status = status;
     rsp.len = status == 0 ? len : 0;
     rsp.offset = offset;
-    if (iop_chan_push(e->ch, &rsp) == 0) {
+    if (iop_jrnl_push(e->j, e->ch, jidx, &rsp) == 0)
         e->dirty = 1;
-        if (jidx >= 0) {
-            iop_jrnl_done(e->j, jidx, pos);
-            e->unpub[e->nunpub++] = (uint32_t)jidx;
-        }
-    }
 }
 
 /* Make pushed completions visible; only then are their journal entries done with. */
 static void publish(struct ep *e)
 {
-    iop_chan_publish(e->ch);
-    for (uint32_t i = 0; i < e->nunpub; i++)
-        iop_jrnl_retire(e->j, (int)e->unpub[i]);
-    e->nunpub = 0;
+    iop_jrnl_publish(e->j, e->ch);
     e->dirty = 0;
 }
 
@@ -558,19 +547,14 @@ int iop_blk_server_add(struct iop_blk_server *s, struct iop_chan *ch,
         return -EINVAL;
     if (cfg->align & (cfg->align - 1))
         return -EINVAL;
-    uint32_t *unpub = NULL;
-    if (jrnl && !(unpub = calloc(iop_jrnl_entries(jrnl), sizeof *unpub)))
-        return -ENOMEM;
     pthread_mutex_lock(&s->mu);
     int id = -ENOSPC;
     for (int i = 0; i < IOP_BLK_MAX_ENDPOINTS; i++) {
         struct ep *e = &s->eps[i];
         if (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE) != EP_FREE)
             continue;
-        free(e->unpub);
         memset(e, 0, sizeof *e);
         e->j = jrnl;
-        e->unpub = unpub;
         e->ch = ch;
         e->xlate = xlate;
         e->cfg = *cfg;
@@ -581,8 +565,6 @@ int iop_blk_server_add(struct iop_blk_server *s, struct iop_chan *ch,
     pthread_mutex_unlock(&s->mu);
     if (id >= 0)
         wake(s);
-    else
-        free(unpub);
     return id;
 }
 
@@ -644,8 +626,6 @@ int iop_blk_server_stop(struct iop_blk_server *s)
     }
     close(s->wake_fd);
     pthread_mutex_destroy(&s->mu);
-    for (int i = 0; i < IOP_BLK_MAX_ENDPOINTS; i++)
-        free(s->eps[i].unpub);
     free(s->reqs);
     free(s);
     return 0;

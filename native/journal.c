@@ -30,6 +30,8 @@ struct iop_jrnl {
     uint32_t *free_stack;
     uint32_t *replay;   /* entry indices to re-execute, in seq order */
     uint32_t nreplay, replay_next;
+    uint32_t *pushed;   /* DONE entries whose completions are not yet published */
+    uint32_t npushed;
 };
 
 static int pow2(uint32_t v) { return v && !(v & (v - 1)); }
@@ -101,7 +103,8 @@ int iop_jrnl_open(void *mem, uint64_t len, struct iop_chan *ch, uint32_t owner,
     j->slot_size = h->slot_size;
     j->free_stack = calloc(j->n, sizeof *j->free_stack);
     j->replay = calloc(j->n, sizeof *j->replay);
-    if (!j->free_stack || !j->replay) {
+    j->pushed = calloc(j->n, sizeof *j->pushed);
+    if (!j->free_stack || !j->replay || !j->pushed) {
         iop_jrnl_close(j);
         return -ENOMEM;
     }
@@ -165,6 +168,7 @@ void iop_jrnl_close(struct iop_jrnl *j)
         return;
     free(j->free_stack);
     free(j->replay);
+    free(j->pushed);
     free(j);
 }
 
@@ -234,17 +238,31 @@ int iop_jrnl_next_replay(struct iop_jrnl *j, struct iop_desc *out)
     return (int)i;
 }
 
-void iop_jrnl_done(struct iop_jrnl *j, int idx, uint32_t rsp_pos)
+int iop_jrnl_push(struct iop_jrnl *j, struct iop_chan *ch, int idx, const struct iop_desc *d)
 {
+    uint32_t pos = iop_chan_tx_pos(ch);
+    int rc = iop_chan_push(ch, d);
+    if (rc || !j || idx < 0)
+        return rc;
     struct iop_jentry *en = entry(j, (uint32_t)idx);
-    en->rsp_pos = rsp_pos;
+    en->rsp_pos = pos;
     __atomic_store_n(&en->state, IOP_JE_DONE, __ATOMIC_RELEASE);
+    j->pushed[j->npushed++] = (uint32_t)idx;
+    return 0;
 }
 
-void iop_jrnl_retire(struct iop_jrnl *j, int idx)
+void iop_jrnl_publish(struct iop_jrnl *j, struct iop_chan *ch)
 {
-    __atomic_store_n(&entry(j, (uint32_t)idx)->state, IOP_JE_FREE, __ATOMIC_RELEASE);
-    j->free_stack[j->nfree++] = (uint32_t)idx;
+    iop_chan_publish(ch);
+    if (!j)
+        return;
+    /* visible to the client now: these entries are done with */
+    for (uint32_t k = 0; k < j->npushed; k++) {
+        uint32_t idx = j->pushed[k];
+        __atomic_store_n(&entry(j, idx)->state, IOP_JE_FREE, __ATOMIC_RELEASE);
+        j->free_stack[j->nfree++] = idx;
+    }
+    j->npushed = 0;
 }
 
 /* ---- heartbeat ---------------------------------------------------------------- */

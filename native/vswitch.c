@@ -58,8 +58,6 @@ struct port {
     uint32_t rx_head, rx_count;
     int dirty;
     struct iop_jrnl *j;   /* failover channels: the in-flight journal, else NULL */
-    uint32_t *unpub;      /* journal entries whose completions await publish */
-    uint32_t nunpub;
     struct iop_vport_stats st;
 };
 
@@ -162,29 +160,20 @@ static void mac_forget_port(struct iop_vswitch *s, int port)
 static void respond(struct port *p, int jidx, uint64_t id, uint16_t op, int status,
                     uint32_t len)
 {
-    uint32_t pos = iop_chan_tx_pos(p->ch);
     struct iop_desc r;
     memset(&r, 0, IOP_DESC_HDR_SIZE);
     r.id = id;
     r.opcode = op;
     r.status = status;
     r.len = status == 0 ? len : 0;
-    if (iop_chan_push(p->ch, &r) == 0) {
+    if (iop_jrnl_push(p->j, p->ch, jidx, &r) == 0)
         p->dirty = 1;
-        if (jidx >= 0) {
-            iop_jrnl_done(p->j, jidx, pos);
-            p->unpub[p->nunpub++] = (uint32_t)jidx;
-        }
-    }
 }
 
 /* Make pushed completions visible; only then are their journal entries done with. */
 static void publish(struct port *p)
 {
-    iop_chan_publish(p->ch);
-    for (uint32_t i = 0; i < p->nunpub; i++)
-        iop_jrnl_retire(p->j, (int)p->unpub[i]);
-    p->nunpub = 0;
+    iop_jrnl_publish(p->j, p->ch);
     p->dirty = 0;
 }
 
@@ -568,16 +557,10 @@ int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, stru
     if (cfg->mtu < 68 || (uint32_t)cfg->mtu + 18 > IOP_VSW_FRAME_MAX)
         return -EINVAL;
     struct posted *rxq = NULL;
-    uint32_t *unpub = NULL;
     if (cfg->kind == IOP_VSW_GUEST) {
         rxq = calloc(cfg->rx_slots, sizeof *rxq);
-        if (jrnl)
-            unpub = calloc(iop_jrnl_entries(jrnl), sizeof *unpub);
-        if (!rxq || (jrnl && !unpub)) {
-            free(rxq);
-            free(unpub);
+        if (!rxq)
             return -ENOMEM;
-        }
     }
     pthread_mutex_lock(&s->mu);
     int id = -ENOSPC;
@@ -586,14 +569,12 @@ int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, stru
         if (__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) != P_FREE)
             continue;
         free(p->rxq);
-        free(p->unpub);
         memset(p, 0, sizeof *p);
         p->cfg = *cfg;
         p->ch = ch;
         p->xlate = xlate;
         p->rxq = rxq;
         p->j = jrnl;
-        p->unpub = unpub;
         if (jrnl) /* the switch thread does not look at this port yet */
             iop_jrnl_replay_first(jrnl, IOP_OP_NET_RX);
         __atomic_store_n(&p->state, P_ACTIVE, __ATOMIC_RELEASE);
@@ -601,10 +582,9 @@ int iop_vswitch_add(struct iop_vswitch *s, const struct iop_vport_cfg *cfg, stru
         break;
     }
     pthread_mutex_unlock(&s->mu);
-    if (id < 0) {
+    if (id < 0)
         free(rxq);
-        free(unpub);
-    } else
+    else
         wake(s);
     return id;
 }
@@ -674,7 +654,6 @@ int iop_vswitch_stop(struct iop_vswitch *s)
         if (s->ports[i].dirty)
             publish(&s->ports[i]);
         free(s->ports[i].rxq);
-        free(s->ports[i].unpub);
     }
     close(s->wake_fd);
     pthread_mutex_destroy(&s->mu);

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,6 @@ from bench.peers.qsd_failover import (
     RestartableQsd,
     match_outages,
     measure_qsd_failover,
-)
-
-needs_tools = pytest.mark.skipif(
-    shutil.which("qemu-storage-daemon") is None or not Path("/usr/include/libnbd.h").exists(),
-    reason="needs qemu-storage-daemon and libnbd-dev",
 )
 
 FAULTS = 5
@@ -50,7 +44,6 @@ def test_match_outages_pairs_each_fault_with_the_next_recovery() -> None:
         match_outages([11, 60], outages)
 
 
-@needs_tools
 @pytest.mark.system
 @pytest.mark.timeout(60)
 def test_every_fault_stalls_once_and_loses_nothing(tmp_path: Path) -> None:
@@ -71,7 +64,6 @@ def test_every_fault_stalls_once_and_loses_nothing(tmp_path: Path) -> None:
     assert _procs_mentioning(str(tmp_path)) == []
 
 
-@needs_tools
 @pytest.mark.system
 @pytest.mark.timeout(60)
 def test_failure_midway_stops_everything(tmp_path: Path) -> None:
@@ -84,7 +76,6 @@ def test_failure_midway_stops_everything(tmp_path: Path) -> None:
     assert _procs_mentioning(str(tmp_path)) == []
 
 
-@needs_tools
 @pytest.mark.system
 @pytest.mark.timeout(60)
 def test_lost_writes_are_detected(tmp_path: Path) -> None:

@@ -97,6 +97,23 @@ class _NbdServer:
         raise NotImplementedError
 
     # -- lifecycle -----------------------------------------------------------------------
+    def _spawn(self, log_mode: str) -> list[str]:
+        """Start the server process (dies with its starter, pinned if asked); its argv."""
+        argv = ["setpriv", "--pdeathsig", "KILL"]
+        if self.cpu is not None:
+            argv += ["taskset", "-c", str(self.cpu)]
+        argv += self._argv()
+        with open(self._log, log_mode) as log:
+            # stderr to a file, not a pipe: nobody drains a pipe while we benchmark.
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return argv
+
     def start(self) -> None:
         """Start the server and return once it accepts connections; on failure stop it."""
         if self._proc is not None:
@@ -107,19 +124,7 @@ class _NbdServer:
             self._dir = Path(tempfile.mkdtemp(prefix="iopart-nbd-", dir=self._workdir_parent))
             if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
                 raise RuntimeError(f"socket path too long for AF_UNIX: {self.socket_path}")
-            argv = ["setpriv", "--pdeathsig", "KILL"]
-            if self.cpu is not None:
-                argv += ["taskset", "-c", str(self.cpu)]
-            argv += self._argv()
-            with open(self._log, "wb") as log:
-                # stderr to a file, not a pipe: nobody drains a pipe while we benchmark.
-                self._proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            argv = self._spawn("wb")
             self._wait_ready(argv)
         except BaseException:
             self.stop()

@@ -129,18 +129,7 @@ class RestartableQsd(QemuStorageDaemon):
             raise RuntimeError(f"{self.program} must be killed before it is respawned")
         for stale in (self.socket_path, self._pidfile):
             stale.unlink(missing_ok=True)
-        argv = ["setpriv", "--pdeathsig", "KILL"]
-        if self.cpu is not None:
-            argv += ["taskset", "-c", str(self.cpu)]
-        argv += self._argv()
-        with open(self._log, "ab") as log:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._spawn("ab")
 
     def __enter__(self) -> RestartableQsd:
         self.start()

@@ -78,7 +78,9 @@ void iop_chan_consume(struct iop_chan *ch);
 /* Journal operations of a server thread (see iop_journal.h). take: peek, copy into
  * a free entry, consume; returns the entry or -EAGAIN (ring empty), -ENOSPC
  * (journal full), -EPROTO. next_replay: the next entry queued at open, or -EAGAIN.
- * done: its completion was pushed at rsp_pos. retire: that position is published. */
+ * push: push entry idx's completion (the entry becomes DONE at that ring position);
+ * publish: publish the ring, then free every entry pushed since. j may be NULL (a
+ * channel without a journal) and idx -1 (a completion of no entry) for both. */
 struct iop_jrnl;
 int iop_jrnl_take(struct iop_jrnl *j, struct iop_chan *ch, struct iop_desc *out);
 int iop_jrnl_next_replay(struct iop_jrnl *j, struct iop_desc *out);
@@ -87,8 +89,8 @@ int iop_jrnl_next_replay(struct iop_jrnl *j, struct iop_desc *out);
  * entry only if it is of that kind, else -EAGAIN. */
 void iop_jrnl_replay_first(struct iop_jrnl *j, uint16_t opcode);
 int iop_jrnl_next_replay_op(struct iop_jrnl *j, uint16_t opcode, struct iop_desc *out);
-void iop_jrnl_done(struct iop_jrnl *j, int idx, uint32_t rsp_pos);
-void iop_jrnl_retire(struct iop_jrnl *j, int idx);
+int iop_jrnl_push(struct iop_jrnl *j, struct iop_chan *ch, int idx, const struct iop_desc *d);
+void iop_jrnl_publish(struct iop_jrnl *j, struct iop_chan *ch);
 
 static inline void iop_cpu_relax(void)
 {
