@@ -398,6 +398,7 @@ class NicLoops:
         self._base = ffi.cast("uint8_t *", memory.base)
         self._posted = ""  # the loop whose receive buffers the switch holds
         self._dups = ffi.new("uint64_t *")
+        self._blast_buf: Buffer | None = None
 
     @property
     def duplicates(self) -> int:
@@ -429,7 +430,11 @@ class NicLoops:
               timeout_ms: int = 10_000) -> tuple[int, int]:
         """(frames accepted, ns) for n frames sent as fast as the switch takes them."""
         el = ffi.new("uint64_t *")
-        got = check(int(lib.iop_nic_blast(self.end.handle, self._base, self.buf.prpa,
+        if self._blast_buf is None:
+            # its own buffers: those of a receiving loop may still be posted, and a frame
+            # the switch delivers into one must not go out again as ours
+            self._blast_buf = self.memory.alloc(self.nbufs * NIC_BUF)
+        got = check(int(lib.iop_nic_blast(self.end.handle, self._base, self._blast_buf.prpa,
                                           self.nbufs, self.mac, dst, frame_len, n, el,
                                           timeout_ms, self._dups)), "nic blast")
         return got, int(el[0])
